@@ -1,0 +1,1 @@
+"""Hardware targets, exact cost counts, latency tables and budgets."""

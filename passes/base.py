@@ -1,0 +1,117 @@
+"""The pass interface and the context every pass receives.
+
+A pass is a class with a ``name``, a typed ``Options`` dataclass and ``run(ir, ctx) -> ir``
+(DESIGN.md, "Passes"). It reports what it did through ``ctx.record`` (a summary for the
+per-pass table) and ``ctx.section`` (a top-level block of ``report.json``), and writes files
+only through ``ctx.stage`` so the pipeline can publish them atomically at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from passes.options import NoOptions, build_options
+
+if TYPE_CHECKING:
+    from ir.graph import IR
+    from training.data import DataSplits
+
+#: Where the pipeline puts a pass: among the user's passes, as the exporter, or after export.
+Placement = Literal["user", "export", "check"]
+
+
+@dataclass
+class TrainSettings:
+    """The shared training knobs (``--epochs``, ``--batch-size``, ``--lr``) passes default to."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    progress: bool = True
+
+
+@dataclass
+class Context:
+    """Everything a pass may use besides the IR; no pass reads global state.
+
+    ``budget`` is the parsed ``--budget`` (the hardware issue's ``Budget``), ``target`` the
+    hardware target's name. ``stage_dir`` is a private folder inside the output folder
+    whose files are published (renamed into place) only when the whole run succeeds.
+    """
+
+    out_dir: Path
+    stage_dir: Path
+    data: DataSplits | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+    budget: Any = None
+    target: str = "ort-cpu"
+    threads: int = 1
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("fxsculpt"))
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sections: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    current_pass: str = ""
+
+    def record(self, **summary: Any) -> None:
+        """Add key/values to the current pass's summary (the per-pass table in reports)."""
+        self.summaries.setdefault(self.current_pass, {}).update(summary)
+
+    def section(self, name: str, content: Any) -> None:
+        """Set a top-level section of ``report.json`` (e.g. ``onnx``, ``hardware``)."""
+        self.sections[name] = content
+
+    def stage(self, filename: str) -> Path:
+        """A path inside the staging folder for ``filename``; published as ``out_dir/filename``."""
+        path = self.stage_dir / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.artifacts[filename] = path
+        return path
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A torch RNG seeded from ``--seed`` and ``salt`` (e.g. the pass name): no global RNG."""
+        offset = zlib.crc32(salt.encode()) if salt else 0
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + offset) % (2**63))
+
+
+class Pass:
+    """Base class of every pass: subclass, set ``name`` and ``Options``, implement ``run``.
+
+    ``preserves_semantics`` asks the pipeline to check outputs before and after numerically.
+    ``placement`` is ``"user"`` for ordinary passes; ``"export"`` and ``"check"`` passes are
+    moved after the user's passes (export, then checks), whatever order they were named in.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    preserves_semantics: ClassVar[bool] = False
+    placement: ClassVar[Placement] = "user"
+
+    def __init__(self, options: Any = None, **overrides: Any) -> None:
+        if options is None:
+            options = build_options(self.Options, overrides, self.name)
+        elif overrides:
+            options = dataclasses.replace(options, **overrides)
+        self.options = options
+
+    @classmethod
+    def summary_line(cls) -> str:
+        """The first line of the class docstring: what the pass does, for ``cli.py passes``."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def wanted(cls, ctx: Context) -> bool:
+        """For ``check`` passes: whether the pipeline adds this pass unasked (e.g. a budget was given)."""
+        return False
+
+    def run(self, ir: IR, ctx: Context) -> IR:
+        raise NotImplementedError

@@ -1,0 +1,132 @@
+"""Run passes in order, verify the IR between them and collect the report.
+
+``Pipeline(["fold_bn", "dce"])`` is what ``cli.py optimize --passes fold_bn,dce`` builds.
+The exporter (placement ``"export"``) is added last unless ``export=False``; passes with
+placement ``"check"`` (e.g. the hardware budget check) run after it, on the exported file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ir.graph import IR
+from ir.verify import verify
+from passes.base import Context, Pass
+from passes.registry import PassRegistry
+
+
+@dataclass
+class PassRecord:
+    """One row of the per-pass table: what ran, how long, what it changed."""
+
+    name: str
+    seconds: float
+    summary: dict[str, Any]
+    before: dict[str, int]
+    after: dict[str, int]
+    verified_max_abs_diff: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": round(self.seconds, 4),
+            "summary": self.summary,
+            "before": self.before,
+            "after": self.after,
+            "verified_max_abs_diff": self.verified_max_abs_diff,
+        }
+
+
+@dataclass
+class PipelineResult:
+    ir: IR
+    records: list[PassRecord] = field(default_factory=list)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+
+class Pipeline:
+    """An ordered list of passes; names are looked up in ``registry`` (built-ins by default).
+
+    ``options`` maps a pass name to raw option values (strings from ``--set`` or TOML values),
+    checked against that pass's typed ``Options``.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass | str],
+        registry: PassRegistry | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        export: bool = True,
+        verify_atol: float = 1e-4,
+    ) -> None:
+        self.registry = registry or PassRegistry.with_builtins()
+        options = dict(options or {})
+        named = {p if isinstance(p, str) else p.name for p in passes}
+        if export and "export" in self.registry:
+            named.add("export")
+        for pass_name in options:
+            self.registry.get(pass_name)  # unknown pass in --set: a clear error
+            if pass_name not in named:
+                from ir.errors import BadInputError
+
+                raise BadInputError(f"options were given for pass '{pass_name}', which is not in --passes")
+        instances: list[Pass] = []
+        for item in passes:
+            if isinstance(item, Pass):
+                instances.append(item)
+            else:
+                cls = self.registry.get(item)
+                instances.append(cls(**dict(options.get(item, {}))))
+        if export and "export" in self.registry and not any(p.placement == "export" for p in instances):
+            cls = self.registry.get("export")
+            instances.append(cls(**dict(options.get("export", {}))))
+        self.passes = self._ordered(instances)
+        self.verify_atol = verify_atol
+
+    @staticmethod
+    def _ordered(instances: list[Pass]) -> list[Pass]:
+        rank = {"user": 0, "export": 1, "check": 2}
+        return sorted(instances, key=lambda p: rank[p.placement])  # stable: user order is kept
+
+    def with_wanted_checks(self, ctx: Context) -> list[Pass]:
+        """The passes to run: ours plus every registered check pass that ``ctx`` asks for."""
+        present = {p.name for p in self.passes}
+        extra = [
+            cls() for cls in self.registry.classes() if cls.placement == "check" and cls.name not in present and cls.wanted(ctx)
+        ]
+        return self._ordered(self.passes + extra)
+
+    def run(self, ir: IR, ctx: Context) -> PipelineResult:
+        """Run every pass on ``ir``; verification failures raise ``RunFailedError``."""
+        result = PipelineResult(ir=ir)
+        result.accuracy_before = _test_accuracy(ir, ctx)
+        for pass_ in self.with_wanted_checks(ctx):
+            ctx.current_pass = pass_.name
+            ctx.summaries.setdefault(pass_.name, {})
+            before = ir.summary()
+            reference = ir.clone() if pass_.preserves_semantics else None
+            ctx.logger.info("pass %s ...", pass_.name)
+            start = time.perf_counter()
+            ir = pass_.run(ir, ctx)
+            seconds = time.perf_counter() - start
+            diff = verify(ir, reference, atol=self.verify_atol, pass_name=pass_.name)
+            result.records.append(
+                PassRecord(pass_.name, seconds, dict(ctx.summaries[pass_.name]), before, ir.summary(), diff)
+            )
+        result.ir = ir
+        result.accuracy_after = _test_accuracy(ir, ctx)
+        return result
+
+
+def _test_accuracy(ir: IR, ctx: Context) -> float | None:
+    """Top-1 accuracy on the test split, when data was given and the model is a classifier."""
+    if ctx.data is None or ir.num_classes is None:
+        return None
+    from training.loop import evaluate
+
+    _, accuracy = evaluate(ir.gm, ctx.data.test, batch_size=256, device=ctx.device)
+    return accuracy

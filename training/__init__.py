@@ -1,0 +1,1 @@
+"""Datasets, splits and the train/evaluate loops that every pass shares."""
