@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ir.errors import BudgetError
 from ir.graph import IR
 from ir.verify import verify
 from passes.base import Context, Pass
@@ -46,6 +47,8 @@ class PipelineResult:
     records: list[PassRecord] = field(default_factory=list)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    #: Set when a check pass (e.g. the hardware budget check) found the exported model over budget.
+    budget_error: BudgetError | None = None
 
 
 class Pipeline:
@@ -96,12 +99,18 @@ class Pipeline:
         """The passes to run: ours plus every registered check pass that ``ctx`` asks for."""
         present = {p.name for p in self.passes}
         extra = [
-            cls() for cls in self.registry.classes() if cls.placement == "check" and cls.name not in present and cls.wanted(ctx)
+            cls()
+            for cls in self.registry.classes()
+            if cls.placement == "check" and cls.name not in present and cls.wanted(ctx)
         ]
         return self._ordered(self.passes + extra)
 
     def run(self, ir: IR, ctx: Context) -> PipelineResult:
-        """Run every pass on ``ir``; verification failures raise ``RunFailedError``."""
+        """Run every pass on ``ir``; verification failures raise ``RunFailedError``.
+
+        A ``BudgetError`` from a check pass does not abort: the remaining checks run and the
+        error is returned in ``budget_error`` so the caller can publish the over-budget report.
+        """
         result = PipelineResult(ir=ir)
         result.accuracy_before = _test_accuracy(ir, ctx)
         for pass_ in self.with_wanted_checks(ctx):
@@ -111,7 +120,12 @@ class Pipeline:
             reference = ir.clone() if pass_.preserves_semantics else None
             ctx.logger.info("pass %s ...", pass_.name)
             start = time.perf_counter()
-            ir = pass_.run(ir, ctx)
+            try:
+                ir = pass_.run(ir, ctx)
+            except BudgetError as exc:
+                if pass_.placement != "check":
+                    raise  # a search pass found the budget impossible: nothing to hand over
+                result.budget_error = exc  # the model exists but misses its budget: report it
             seconds = time.perf_counter() - start
             diff = verify(ir, reference, atol=self.verify_atol, pass_name=pass_.name)
             result.records.append(

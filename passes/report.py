@@ -1,0 +1,183 @@
+"""``report.json`` and ``report.md``: what a run did, in the fields the README documents.
+
+Fields are only ever added, never renamed: ``passes``, ``metrics``, ``onnx``, ``layers`` are
+the foundation's; other sections (``hardware``, ``budget``, a search pass's own) come from
+``ctx.section``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from tabulate import tabulate
+
+from ir.graph import IR
+from passes.base import Context
+from passes.pipeline import PipelineResult
+
+REPORT_VERSION = 1
+
+
+def build_report(
+    ir: IR,
+    result: PipelineResult,
+    ctx: Context,
+    *,
+    before: dict[str, int],
+    data_spec: str | None,
+    status: str = "ok",
+) -> dict[str, Any]:
+    """Collect the run's report from the final IR, the pass records and the context's sections."""
+    after = ir.summary()
+    report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "status": status,
+        "model": {"source": ir.source, "input_shape": list(ir.input_shape), "num_classes": ir.num_classes},
+        "seed": ctx.seed,
+        "data": data_spec,
+        "passes": [record.as_dict() for record in result.records],
+        "metrics": {
+            "accuracy_before": result.accuracy_before,
+            "accuracy_after": result.accuracy_after,
+            "params": after["params"],
+            "macs": after["macs"],
+            "size_bytes": after["size_bytes"],
+            "params_before": before["params"],
+            "macs_before": before["macs"],
+            "size_bytes_before": before["size_bytes"],
+        },
+        "layers": [row.as_dict() for row in ir.layers()],
+    }
+    for name, content in ctx.sections.items():
+        report.setdefault(name, content)
+    report.setdefault("onnx", None)
+    return _json_safe(report)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace NaN/inf (invalid JSON) with None and tuples with lists, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+
+
+def _fmt_count(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{int(value)}" if value.is_integer() else f"{value:.3g}"
+
+
+def _fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{100 * a:.2f}%"
+
+
+def _bits(b: int | None) -> str:
+    return "fp32" if b is None else str(b)
+
+
+def layer_table(report: dict[str, Any], fmt: str) -> str:
+    rows = [
+        [
+            layer["name"],
+            layer["op"],
+            "x".join(map(str, layer["shape"] or [])),
+            _fmt_count(layer["params"]),
+            _fmt_count(layer["macs"]),
+            _bits(layer.get("weight_bits")),
+            _bits(layer.get("act_bits")),
+        ]
+        for layer in report["layers"]
+    ]
+    headers = ["layer", "op", "output shape", "params", "MACs", "w bits", "a bits"]
+    return tabulate(rows, headers=headers, tablefmt=fmt)
+
+
+def pass_table(report: dict[str, Any], fmt: str) -> str:
+    rows = []
+    for record in report["passes"]:
+        summary = ", ".join(f"{k}={_short(v)}" for k, v in record["summary"].items())
+        rows.append(
+            [
+                record["name"],
+                f"{record['seconds']:.2f}",
+                _fmt_count(record["before"]["params"]),
+                _fmt_count(record["after"]["params"]),
+                _fmt_count(record["after"]["macs"]),
+                summary[:100],
+            ]
+        )
+    return tabulate(
+        rows, headers=["pass", "seconds", "params before", "params after", "MACs", "summary"], tablefmt=fmt
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def totals_table(report: dict[str, Any], fmt: str) -> str:
+    m = report["metrics"]
+    rows = [
+        ["accuracy (test)", _fmt_acc(m["accuracy_before"]), _fmt_acc(m["accuracy_after"])],
+        ["params", _fmt_count(m["params_before"]), _fmt_count(m["params"])],
+        ["MACs", _fmt_count(m["macs_before"]), _fmt_count(m["macs"])],
+        ["size (bytes)", _fmt_count(m["size_bytes_before"]), _fmt_count(m["size_bytes"])],
+    ]
+    onnx = report.get("onnx")
+    if onnx:
+        rows.append(["ONNX max |diff| vs PyTorch", "", f"{onnx.get('max_abs_diff', float('nan')):.2e}"])
+    return tabulate(rows, headers=["", "before", "after"], tablefmt=fmt)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: totals, passes and layers as GitHub tables."""
+    parts = [
+        f"# fxsculpt report: {report['model']['source']}",
+        "",
+        f"Status: **{report['status']}**; input shape {report['model']['input_shape']}; seed {report['seed']}; "
+        f"data {report['data']}.",
+        "",
+        "## Totals",
+        "",
+        totals_table(report, "github"),
+        "",
+        "## Passes",
+        "",
+        pass_table(report, "github"),
+        "",
+        "## Layers",
+        "",
+        layer_table(report, "github"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def render_console(report: dict[str, Any], max_layers: int = 60) -> str:
+    """What ``cli.py optimize`` prints at the end: the layer table, passes and totals."""
+    shown = dict(report)
+    layers = report["layers"]
+    if len(layers) > max_layers:
+        shown["layers"] = layers[:max_layers]
+    text = [layer_table(shown, "simple")]
+    if len(layers) > max_layers:
+        text.append(f"... {len(layers) - max_layers} more layers in report.md")
+    text += ["", pass_table(report, "simple"), "", totals_table(report, "simple")]
+    return "\n".join(text)
