@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ class Noting(Pass):
     """Appends its name to a shared list (records the order passes ran in)."""
 
     name = "noting"
-    order: list[str] = []
+    order: ClassVar[list[str]] = []
 
     def run(self, ir, ctx):
         self.order.append(self.name)
@@ -93,7 +94,7 @@ def registry_with(*classes: type[Pass]) -> PassRegistry:
 
 
 def test_export_and_check_passes_move_to_the_end(tmp_path):
-    order: list[str] = []
+    order: ClassVar[list[str]] = []
     for cls in (Noting, FakeExport, FakeCheck):
         cls.order = order
     registry = registry_with(Noting, FakeExport, FakeCheck)
