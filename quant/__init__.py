@@ -1,0 +1,1 @@
+"""Quantization: fake-quant constructs, calibration, mixed-precision search and low-bit export."""
