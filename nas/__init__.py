@@ -1,0 +1,1 @@
+"""Architecture search internals: one subpackage per family of methods."""
