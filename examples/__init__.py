@@ -1,0 +1,1 @@
+"""Example user models for tests, the README and the acceptance runs."""
