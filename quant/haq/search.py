@@ -1,0 +1,259 @@
+"""HAQ's episode loop: act per layer, enforce the budget, measure, reward, learn (HAQ §3.1–3.5).
+
+One episode walks the layers (two steps per layer in latency/BitOps mode: weights, then
+activations), turns each action into bits, lowers bits until the policy fits the budget
+(:mod:`quant.haq.enforce`), hands the policy to ``evaluate`` (quantize, short fine-tune,
+validation accuracy) and rewards the agent with ``R = 0.1 · (acc_quant − acc_orig)``
+(paper eq. 9 with λ = 0.1, as in the official code). The best policy seen is kept.
+
+The loop is independent of models and data: ``evaluate`` is a callback, so the same code
+runs the real search and the synthetic problems the tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quant.haq.actions import BitLevels, Bits
+from quant.haq.cost import BudgetSpec, CostModel
+from quant.haq.ddpg import DDPGAgent, DDPGConfig
+from quant.haq.enforce import Policy, enforce
+from quant.haq.state import StateSpace
+
+REWARD_SCALE = 0.1
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate(policy)`` reports: validation accuracy and where its time went."""
+
+    accuracy: float
+    finetune_s: float = 0.0
+    evaluate_s: float = 0.0
+
+
+@dataclass
+class EpisodeRecord:
+    """One point of the learning curve."""
+
+    episode: int
+    reward: float
+    accuracy: float
+    cost: float
+    warmup: bool
+    sigma: float
+    policy: list[list[Bits]]
+    enforce_steps: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    """The best policy found and the whole learning curve."""
+
+    best_policy: Policy
+    best_reward: float
+    best_accuracy: float
+    best_cost: float
+    best_episode: int
+    original_accuracy: float
+    budget: BudgetSpec
+    curve: list[EpisodeRecord]
+    layer_names: list[str]
+    agent: DDPGAgent | None = None
+
+    def timing(self) -> dict[str, float]:
+        """Mean seconds per episode, split by where they went (fine-tune, evaluation, look-ups, agent)."""
+        keys = ("finetune", "evaluate", "hardware", "agent", "total")
+        n = max(len(self.curve), 1)
+        return {k: sum(r.seconds.get(k, 0.0) for r in self.curve) / n for k in keys}
+
+    def policy_table(self) -> list[dict[str, Any]]:
+        return [
+            {"layer": name, "weight_bits": w, "act_bits": a}
+            for name, (w, a) in zip(self.layer_names, self.best_policy, strict=True)
+        ]
+
+
+def reward_of(accuracy: float, original_accuracy: float) -> float:
+    """HAQ's reward (paper eq. 9, λ = 0.1): ``0.1 · (acc_quant − acc_orig)``, accuracies in [0, 1]."""
+    return REWARD_SCALE * (accuracy - original_accuracy)
+
+
+def run_episode_actions(
+    agent: DDPGAgent, states: StateSpace, levels: BitLevels, episode: int, fixed_act_bits: Bits
+) -> tuple[Policy, list[tuple[Any, float, Any, bool]]]:
+    """Let the agent pick bits for every step; returns the raw policy and the transitions."""
+    transitions = []
+    prev = 1.0  # the official code starts the previous-action column at the top level
+    chosen: list[Bits] = []
+    observation = states.observation(0, prev)
+    for step in range(states.steps):
+        action = agent.act(observation, episode)
+        bits = levels.to_bits(action)
+        chosen.append(bits)
+        prev = levels.normalized(bits)
+        last = step == states.steps - 1
+        next_observation = observation if last else states.observation(step + 1, prev)
+        transitions.append((observation, action, next_observation, last))
+        observation = next_observation
+    if states.two_steps:
+        policy = [(chosen[2 * i], chosen[2 * i + 1]) for i in range(len(states.layers))]
+    else:
+        policy = [(w, fixed_act_bits) for w in chosen]
+    return policy, transitions
+
+
+def haq_search(
+    states: StateSpace,
+    levels: BitLevels,
+    cost: CostModel,
+    budget: BudgetSpec,
+    evaluate: Callable[[Policy], Evaluation],
+    original_accuracy: float,
+    episodes: int,
+    config: DDPGConfig | None = None,
+    seed: int = 0,
+    fixed_act_bits: Bits = 8,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> SearchResult:
+    """Run ``episodes`` HAQ episodes and return the best policy (highest reward) and the curve."""
+    if episodes < 1:
+        raise ValueError("HAQ needs at least one episode")
+    agent = DDPGAgent(states.dim, states.steps, config, seed=seed)
+    best: tuple[float, Policy, float, float, int] | None = None
+    curve: list[EpisodeRecord] = []
+    for episode in range(episodes):
+        t0 = time.perf_counter()
+        raw, transitions = run_episode_actions(agent, states, levels, episode, fixed_act_bits)
+        t1 = time.perf_counter()
+        policy, steps = enforce(
+            raw,
+            cost,
+            budget.limit,
+            levels,
+            lower_activations=cost.two_steps,
+            what=cost.metric,
+            unit=cost.unit,
+        )
+        policy_cost = cost(policy)
+        t2 = time.perf_counter()
+        outcome = evaluate(policy)
+        t3 = time.perf_counter()
+        reward = reward_of(outcome.accuracy, original_accuracy)
+        if not math.isfinite(reward):
+            reward = -1.0  # a diverged fine-tune is the worst outcome, not a crash of the search
+        agent.store_episode(transitions, reward)
+        agent.learn_after_episode(episode, states.steps)
+        t4 = time.perf_counter()
+        if best is None or reward > best[0]:
+            best = (reward, list(policy), outcome.accuracy, policy_cost, episode)
+        other_eval = max(t3 - t2 - outcome.finetune_s - outcome.evaluate_s, 0.0)
+        record = EpisodeRecord(
+            episode=episode,
+            reward=reward,
+            accuracy=outcome.accuracy,
+            cost=policy_cost,
+            warmup=agent.exploring(episode),
+            sigma=1.0 if agent.exploring(episode) else agent.sigma,
+            policy=[[w, a] for w, a in policy],
+            enforce_steps=steps,
+            seconds={
+                "finetune": outcome.finetune_s,
+                "evaluate": outcome.evaluate_s + other_eval,
+                "hardware": t2 - t1,
+                "agent": (t1 - t0) + (t4 - t3),
+                "total": t4 - t0,
+            },
+        )
+        curve.append(record)
+        if on_episode is not None:
+            on_episode(record)
+    assert best is not None
+    return SearchResult(
+        best_policy=best[1],
+        best_reward=best[0],
+        best_accuracy=best[2],
+        best_cost=best[3],
+        best_episode=best[4],
+        original_accuracy=original_accuracy,
+        budget=budget,
+        curve=curve,
+        layer_names=[layer.name for layer in states.layers],
+        agent=agent,
+    )
+
+
+def greedy_policy(
+    agent: DDPGAgent, states: StateSpace, levels: BitLevels, fixed_act_bits: Bits = 8
+) -> Policy:
+    """The policy the trained actor picks without exploration noise (before enforcement)."""
+    chosen: list[Bits] = []
+    prev = 1.0
+    for step in range(states.steps):
+        bits = levels.to_bits(agent.greedy_action(states.observation(step, prev)))
+        chosen.append(bits)
+        prev = levels.normalized(bits)
+    if states.two_steps:
+        return [(chosen[2 * i], chosen[2 * i + 1]) for i in range(len(states.layers))]
+    return [(w, fixed_act_bits) for w in chosen]
+
+
+def write_curve_json(result: SearchResult, path: Path) -> None:
+    """The learning curve (reward, accuracy and cost per episode) and the best policy as JSON."""
+    payload = {
+        "original_accuracy": result.original_accuracy,
+        "budget": result.budget.as_dict(),
+        "best": {
+            "episode": result.best_episode,
+            "reward": result.best_reward,
+            "accuracy": result.best_accuracy,
+            "cost": result.best_cost,
+            "policy": result.policy_table(),
+        },
+        "timing_per_episode_s": result.timing(),
+        "episodes": [asdict(r) for r in result.curve],
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def plot_curve(result: SearchResult, path: Path, title: str = "HAQ") -> None:
+    """Reward and cost per episode (with the budget line), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    episodes = [r.episode for r in result.curve]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    top.plot(episodes, [r.reward for r in result.curve], ".", ms=3, label="reward")
+    running = []
+    best = -math.inf
+    for r in result.curve:
+        best = max(best, r.reward)
+        running.append(best)
+    top.plot(episodes, running, "-", label="best so far")
+    warm = [r.episode for r in result.curve if r.warmup]
+    if warm:
+        top.axvspan(-0.5, max(warm) + 0.5, color="0.9", label="warm-up (random)")
+    top.set_ylabel("reward 0.1·Δacc")
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(title)
+    bottom.plot(episodes, [r.cost for r in result.curve], ".", ms=3, label="policy cost")
+    bottom.axhline(result.budget.limit, color="r", lw=1, label="budget")
+    bottom.axhline(result.budget.reference_8bit, color="k", lw=0.8, ls="--", label="uniform 8-bit")
+    bottom.set_ylabel(f"{result.budget.metric}{UNIT_LABEL.get(result.budget.metric, '')}")
+    bottom.set_xlabel("episode")
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+UNIT_LABEL = {"latency": " (ms)", "size": " (bytes)", "bitops": " (BitOps)"}
