@@ -162,7 +162,26 @@ def _program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ..
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if len(tensors) != 1 or len(args) + len(kwargs) != 1:
         return None
-    return tuple(int(d) for d in tensors[0].shape)
+    shape = [int(d) for d in tensors[0].shape]
+    if shape and _batch_is_dynamic(program):
+        shape[0] = 1  # metadata is per sample: use batch 1 when the program allows it
+    return tuple(shape)
+
+
+def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether the single user input's first dimension is symbolic with 1 in its range."""
+    inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in inputs:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() == 0:
+                return False
+            first = val.shape[0]
+            if not isinstance(first, torch.SymInt):
+                return False
+            bounds = program.range_constraints.get(first.node.expr)
+            return bounds is not None and int(bounds.lower) <= 1
+    return False
 
 
 # -- torch.save files -----------------------------------------------------------------------------
