@@ -4,7 +4,8 @@
 nodes feeding ``aten.conv2d`` / ``aten.linear`` / ``aten.batch_norm`` calls. The passes
 (BN folding, pruning, quantization) look for ``call_module`` nodes holding ``nn.Conv2d``,
 ``nn.Linear`` and ``nn.BatchNorm2d``; this module rebuilds those modules around the same
-tensors, keeps every other aten call as a ``call_function`` node, drops export's
+tensors (also from the decomposed forms ``aten.convolution``, ``addmm`` of a transposed
+weight and ``_native_batch_norm_legit_no_training``), keeps every other aten call as a ``call_function`` node, drops export's
 ``_guards_fn`` check, and replaces the pytree calling convention with a plain
 ``forward(x)`` that returns a tensor when the program returns one.
 """
@@ -177,6 +178,32 @@ class _Lifter:
         node.replace_all_uses_with(self._replace(node, linear, name, (b["input"],)))
         self.graph.erase_node(node)
 
+    def lift_addmm(self, node: fx.Node) -> None:
+        """``addmm(bias, x, t(weight))`` (a decomposed Linear) back to ``nn.Linear``."""
+        b = _bind(node)
+        if b.get("beta", 1) != 1 or b.get("alpha", 1) != 1:
+            return
+        transposed = b["mat2"]
+        if not (isinstance(transposed, fx.Node) and transposed.op == "call_function"):
+            return
+        is_t = transposed.target == aten.t.default
+        is_permute = transposed.target == aten.permute.default and list(transposed.args[1]) == [1, 0]  # type: ignore[arg-type]
+        if not (is_t or is_permute):
+            return
+        weight_node = transposed.args[0]
+        weight = self._tensor(weight_node)
+        bias = self._tensor(b["self"])
+        if weight is None or bias is None or weight.dim() != 2 or bias.shape != (weight.shape[0],):
+            return
+        linear = nn.Linear(int(weight.shape[1]), int(weight.shape[0]))
+        linear.weight, linear.bias = _as_parameter(weight), _as_parameter(bias)
+        assert isinstance(weight_node, fx.Node)
+        name = self._module_name(weight_node, "linear")
+        node.replace_all_uses_with(self._replace(node, linear, name, (b["mat1"],)))
+        self.graph.erase_node(node)
+        if not transposed.users:
+            self.graph.erase_node(transposed)
+
     def lift_batch_norm(self, node: fx.Node, legit: bool) -> None:
         b = _bind(node)
         mean, var = self._tensor(b["running_mean"]), self._tensor(b["running_var"])
@@ -224,6 +251,7 @@ class _Lifter:
             aten.batch_norm.default: lambda n: self.lift_batch_norm(n, legit=False),
             aten._native_batch_norm_legit_no_training.default: lambda n: self.lift_batch_norm(n, legit=True),
             aten.convolution.default: self.lift_conv,
+            aten.addmm.default: self.lift_addmm,
         }
         handlers.update(dict.fromkeys(_CONV_OPS, self.lift_conv))
         for node in list(self.graph.nodes):

@@ -310,6 +310,10 @@ def _read_npz(arg: str) -> _Raw:
 # -- CIFAR-10 python batches ---------------------------------------------------------------------
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A batch file names a Python global other than numpy's array rebuilders."""
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles CIFAR batch files without running code: only numpy's array rebuilders are allowed."""
 
@@ -328,7 +332,7 @@ class _BatchUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays")
+        raise _RefusedGlobal(f"{module}.{name}")
 
 
 def _load_batch(path: Path) -> dict[str, Any]:
@@ -336,6 +340,11 @@ def _load_batch(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             obj = _BatchUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise BadInputError(
+            f"{path} is not a CIFAR-10 batch: it names the Python object {exc}, which would run code "
+            "when unpickled (refused; a batch holds only arrays and lists)"
+        ) from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise BadInputError(
             f"{path} is not a readable CIFAR-10 batch (corrupt or truncated: {_first_line(exc)})"
@@ -365,6 +374,10 @@ def _cifar_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     ):
         raise BadInputError(f"{path}: 'labels' must be a list of integers")
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(y) != len(data):
+        raise BadInputError(f"{path}: 'data' has {len(data)} images but 'labels' has {len(y)} entries")
+    if len(y) and y.min() < 0:
+        raise BadInputError(f"{path}: 'labels' has negative values (min {int(y.min())})")
     return data.reshape(-1, 3, 32, 32), y
 
 
