@@ -60,6 +60,9 @@ class Context:
     sections: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
     current_pass: str = ""
+    #: Test accuracy of the model as given, before any pass (set by the pipeline when data is given);
+    #: the hardware pass checks ``accuracy_drop`` budgets against it.
+    accuracy_before: float | None = None
 
     def record(self, **summary: Any) -> None:
         """Add key/values to the current pass's summary (the per-pass table in reports)."""

@@ -113,6 +113,7 @@ class Pipeline:
         """
         result = PipelineResult(ir=ir)
         result.accuracy_before = _test_accuracy(ir, ctx)
+        ctx.accuracy_before = result.accuracy_before
         for pass_ in self.with_wanted_checks(ctx):
             ctx.current_pass = pass_.name
             ctx.summaries.setdefault(pass_.name, {})
