@@ -93,12 +93,15 @@ def export_error_line(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines()]
     if "## Exception summary" in lines:
         after = lines[lines.index("## Exception summary") + 1 :]
-        cause = next((line for line in after if line), "")
+        rest = [line for line in after if line]
+        cause = rest[0] if rest else ""
+        if cause.endswith(":") and len(rest) > 1:  # "Found the following conflicts ...:" + the conflict
+            cause = f"{cause} {rest[1].lstrip('- ')}"
         cause = re.sub(r"^<class '([\w.]+\.)?(\w+)'>:\s*", r"\2: ", cause)
         if cause:
-            return cause[:400]
+            return cause[:500]
     first = next((line for line in lines if line), type(exc).__name__)
-    return first[:400]
+    return first[:500]
 
 
 def export_onnx(
@@ -141,7 +144,10 @@ def export_onnx(
                 torch.onnx.export(gm, (example_input,), str(out_file), **kwargs)
             except Exception as exc:
                 log.debug("ONNX exporter output:\n%s\n%s", captured.getvalue(), exc)
-                raise RunFailedError(f"ONNX export failed: {export_error_line(exc)}") from exc
+                line = export_error_line(exc)
+                if dynamic_batch and "static shape" in line:
+                    line += " (the model fixes its batch size: set export.dynamic_batch=false)"
+                raise RunFailedError(f"ONNX export failed: {line}") from exc
         if single_file:
             os.replace(tmp, target)
     finally:
@@ -191,7 +197,11 @@ def run_onnx_outputs(session: Any, x: np.ndarray) -> list[np.ndarray]:
     if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32:
         x = x.astype(np.float32)
     name = session.get_inputs()[0].name
-    return list(session.run(None, {name: np.ascontiguousarray(x)}))
+    try:
+        return list(session.run(None, {name: np.ascontiguousarray(x)}))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFailedError(f"ONNX Runtime failed on an input of shape {tuple(x.shape)}: {first}") from exc
 
 
 def run_onnx(session: Any, x: np.ndarray) -> np.ndarray:

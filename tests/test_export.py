@@ -236,3 +236,25 @@ def test_pipeline_runs_export_last_and_fills_the_onnx_section(tmp_path):
     session = ort.InferenceSession(str(ctx.artifacts["model.onnx"]), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     assert np.abs(got - torch_out(model, x)).max() <= 1e-4  # the folded file still computes the original
+
+
+class FixedBatch(nn.Module):
+    """Adds a (2, 3) buffer: only batch size 2 broadcasts, so the batch cannot be symbolic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.arange(6.0).reshape(2, 3))
+
+    def forward(self, x):
+        return x + self.offset
+
+
+def test_fixed_batch_model_gets_a_hint_then_exports_without_dynamic_batch(tmp_path):
+    ir = IR.from_module(FixedBatch(), (2, 3))
+    ctx = make_ctx(tmp_path)
+    with pytest.raises(RunFailedError, match=r"set export\.dynamic_batch=false"):
+        Export().run(ir, ctx)
+    Export(dynamic_batch=False, compare_samples=6).run(ir, ctx)
+    section = ctx.sections["onnx"]
+    assert section["batch_sizes"] == [2] and section["samples_compared"] == 6
+    assert section["op_counts"] == {"Add": 1} and section["max_abs_diff"] == 0.0
