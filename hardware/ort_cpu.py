@@ -1,0 +1,124 @@
+"""The ``ort-cpu`` target: ONNX Runtime on this CPU, measured with fixed threads.
+
+Sessions use ``intra_op_num_threads = threads`` (default 1), sequential execution and
+``ORT_ENABLE_EXTENDED`` (:func:`hardware.runtime.measurement_session`). A latency is the
+median of timed runs after warm-up, with the p90 and a flag when p90 / median exceeds
+``max_spread`` (a busy machine; the number should not be trusted then).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+from torch import nn
+
+from hardware.layers import LayerSignature
+from hardware.runtime import (
+    DEFAULT_MAX_SPREAD,
+    Timing,
+    cpu_name,
+    measurement_session,
+    ort_version,
+    session_inputs,
+    time_session,
+)
+from hardware.single_layer import OPSET, build_single_layer
+from hardware.targets import ModelLatency, Target
+from ir.errors import BadInputError
+from ir.graph import IR
+
+
+class OrtCpuTarget(Target):
+    """ONNX Runtime's CPU execution provider on this machine, measured."""
+
+    name = "ort-cpu"
+    label = "measured on ONNX Runtime (CPU)"
+    analytical = False
+
+    def __init__(
+        self,
+        threads: int = 1,
+        warmup: int = 5,
+        max_seconds: float = 2.0,
+        layer_max_seconds: float = 0.3,
+        rel_tol: float = 0.01,
+        max_spread: float = DEFAULT_MAX_SPREAD,
+    ) -> None:
+        super().__init__(threads)
+        if threads < 1:
+            raise BadInputError(f"--threads must be >= 1, got {threads}")
+        self.warmup = warmup
+        self.max_seconds = max_seconds
+        self.layer_max_seconds = layer_max_seconds
+        self.rel_tol = rel_tol
+        self.max_spread = max_spread
+        self._overhead: float | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"cpu": cpu_name(), "onnxruntime": ort_version(), "threads": self.threads}
+
+    def time_model(
+        self,
+        model: str | Path | bytes,
+        batch: int = 1,
+        max_seconds: float | None = None,
+        fallback_shape: tuple[int, ...] | None = None,
+    ) -> Timing:
+        """Median/p90 of ``model`` (a path or serialized bytes) at ``batch`` on random inputs."""
+        session = measurement_session(model, self.threads)
+        feeds = session_inputs(session, batch=batch, fallback_shape=fallback_shape)
+        return time_session(
+            session,
+            feeds,
+            warmup=self.warmup,
+            max_seconds=self.max_seconds if max_seconds is None else max_seconds,
+            rel_tol=self.rel_tol,
+            max_spread=self.max_spread,
+        )
+
+    def layer_latency_ms(self, sig: LayerSignature, module: nn.Module | None = None) -> float:
+        model = build_single_layer(sig, module)
+        return self.time_model(model, batch=sig.in_shape[0], max_seconds=self.layer_max_seconds).median_ms
+
+    def per_call_overhead_ms(self) -> float:
+        """The latency of a one-element ReLU: the runtime's fixed cost per ``run`` call."""
+        if self._overhead is None:
+            graph = helper.make_graph(
+                [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+                "overhead",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+            model.ir_version = 9
+            self._overhead = self.time_model(
+                model.SerializeToString(), max_seconds=self.layer_max_seconds
+            ).median_ms
+        return self._overhead
+
+    def model_latency(self, ir: IR | None, onnx_path: Path | None, batch: int = 1) -> ModelLatency:
+        if onnx_path is None:
+            raise BadInputError("the ort-cpu target measures an ONNX file; none was given")
+        fallback = tuple(ir.input_shape) if ir is not None else None
+        timing = self.time_model(onnx_path, batch=batch, fallback_shape=fallback)
+        return ModelLatency(
+            median_ms=timing.median_ms,
+            p90_ms=timing.p90_ms,
+            spread_ok=timing.spread_ok,
+            label=self.label,
+            analytical=False,
+            runs=timing.runs,
+            details=timing.as_dict(),
+        )
+
+
+def onnx_batch(path: Path) -> int | None:
+    """The fixed batch size of an ONNX file's first input, ``None`` when symbolic."""
+    model = onnx.load(str(path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value"):
+        return int(dims[0].dim_value)
+    return None
