@@ -23,7 +23,7 @@ import io
 import logging
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -134,9 +134,8 @@ def export_onnx(
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
     kwargs.update(extra)
     single_file = not kwargs.get("external_data", False)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".partial.onnx", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not mkstemp: the exporter creates the file itself, so it gets the usual permissions (umask).
+    tmp = target.parent / f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial.onnx"
     out_file = tmp if single_file else target
     try:
         with _quiet() as captured:

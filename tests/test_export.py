@@ -7,6 +7,7 @@ and an ``onnxruntime.InferenceSession`` opened directly on the written file.
 from __future__ import annotations
 
 import copy
+import os
 import types
 from pathlib import Path
 
@@ -195,6 +196,9 @@ def test_fixed_batch_and_forwarded_exporter_arguments(tmp_path):
     assert graph_input.name == "image"  # extra keyword arguments reach torch.onnx.export
     assert graph_input.type.tensor_type.shape.dim[0].dim_value == 4
     assert [p.name for p in tmp_path.iterdir()] == ["fixed.onnx"]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temp file
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"image": x})
