@@ -1,0 +1,86 @@
+"""The DARTS mixed op as an IR :class:`~ir.constructs.Choice`, computed lean.
+
+``MixedOp`` computes exactly the paper's eq. 2, ``sum_o softmax(alpha)_o * o(x)``, with three
+savings that do not change the value: ``none`` is skipped (its term is zero), ``relu(x)`` is
+computed once per edge for every ReLU-first candidate, and the weighted sum accumulates with
+``addcmul`` instead of materializing each product. ``lean=False`` computes it the way the DARTS
+code does (every candidate including the zero op, each with its own ReLU): the benchmark's
+baseline.
+
+In the cell search space every normal (reduction) cell shares one α per edge position: the
+same ``nn.Parameter`` object is assigned to all of them (``tie_alpha``), so the optimizer sees
+each α once while every cell keeps its own weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ir.constructs import Choice
+from nas.darts.ops import ReluFirst
+
+
+@dataclass(frozen=True)
+class EdgeInfo:
+    """Where a mixed op sits in the cell space: cell kind, target node, source state."""
+
+    cell_type: str  # "normal" or "reduce"
+    cell_index: int
+    node: int  # intermediate node index, 0-based (state index node + 2)
+    source: int  # state index of the edge's input: 0, 1 = cell inputs, 2.. = earlier nodes
+    multiplier: int = 4  # how many of the cell's last nodes its output concatenates
+
+
+class MixedOp(Choice):
+    """softmax(α)-weighted sum of candidate ops (DARTS eq. 2); ``none`` skipped, ReLU shared."""
+
+    def __init__(
+        self,
+        candidates: Sequence[nn.Module],
+        candidate_names: Sequence[str],
+        *,
+        edge: EdgeInfo | None = None,
+        lean: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(candidates, candidate_names)
+        with torch.no_grad():  # the DARTS code's initialization: 1e-3 * N(0, 1)
+            self.alpha.copy_(1e-3 * torch.randn(len(candidates), generator=generator))
+        self.edge = edge
+        self.lean = lean
+
+    def tie_alpha(self, alpha: nn.Parameter) -> None:
+        """Share ``alpha`` (one object) with other mixed ops at the same edge position."""
+        if alpha.shape != self.alpha.shape:
+            raise ValueError("a tied α must have one entry per candidate")
+        self.alpha = alpha
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        (x,) = inputs
+        weights = self.mixture_weights()
+        if not self.lean:
+            terms = [weights[i] * op(x) for i, op in enumerate(self.candidates)]
+            summed = terms[0]
+            for term in terms[1:]:
+                summed = summed + term
+            return summed
+        rectified: torch.Tensor | None = None
+        total: torch.Tensor | None = None
+        for i, (name, op) in enumerate(zip(self.candidate_names, self.candidates)):
+            if name == "none":
+                continue
+            if isinstance(op, ReluFirst):
+                if rectified is None:
+                    rectified = F.relu(x)
+                out = op.body(rectified)
+            else:
+                out = op(x)
+            total = out * weights[i] if total is None else torch.addcmul(total, out, weights[i])
+        if total is None:
+            raise RuntimeError("a mixed op whose only candidate is 'none' has no output shape")
+        return total

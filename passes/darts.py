@@ -1,0 +1,224 @@
+"""``darts``: differentiable architecture search (Liu, Simonyan & Yang, ICLR 2019).
+
+Two ways in, one mechanism. A graph that already holds mixed ops (``builtin:darts-supernet``)
+is searched as it is. Any other graph is first relaxed (:mod:`nas.darts.relax`): the nodes
+matching ``darts.pattern`` (convolutions by default) become mixed ops over the DARTS candidates
+that fit their shapes. The search is the paper's bi-level optimization (Algorithm 1), first
+order by default, second order with ``darts.order=2`` (eq. 7–8). Discretization (sec. 2.4)
+then leaves a plain graph; for the cell space the genotype is written as ``genotype.json``
+(the DARTS code's format, readable by ``builtin:darts-eval --genotype``), together with plots
+of α over the epochs and of the discovered cells.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from ir.constructs import Choice
+from ir.errors import BadInputError
+from ir.graph import IR
+from nas.darts.architect import unique_parameters
+from nas.darts.discretize import discretize, genotype_of
+from nas.darts.mixed import MixedOp
+from nas.darts.ops import PRIMITIVES
+from nas.darts.relax import relax
+from nas.darts.search import SearchSettings, search
+from passes.base import Context, Pass
+from passes.options import option
+
+
+@dataclass
+class DartsOptions:
+    order: Literal[1, 2] = option(
+        1, "1: first-order DARTS (the DARTS code's default); 2: second order (eq. 7-8)"
+    )
+    epochs: int = option(50, "search epochs (paper: 50)")
+    batch_size: int = option(64, "batch size of both the weight and the α step (paper: 64)")
+    steps_per_epoch: int = option(0, "cap on search steps per epoch, 0 for a full pass over the data")
+    w_lr: float = option(0.025, "weight SGD learning rate, cosine-annealed per epoch (paper: 0.025)")
+    w_lr_min: float = option(0.001, "final weight learning rate of the cosine schedule (paper: 0.001)")
+    w_momentum: float = option(0.9, "weight SGD momentum (paper: 0.9)")
+    w_weight_decay: float = option(3e-4, "weight decay of the weights (paper: 3e-4)")
+    grad_clip: float = option(5.0, "clip the weights' gradient norm at this value, 0 for none (paper: 5)")
+    arch_lr: float = option(3e-4, "α Adam learning rate (paper: 3e-4)")
+    arch_beta1: float = option(0.5, "α Adam beta1 (paper: 0.5)")
+    arch_beta2: float = option(0.999, "α Adam beta2 (paper: 0.999)")
+    arch_weight_decay: float = option(1e-3, "α weight decay (paper: 1e-3)")
+    split: Literal["train", "val"] = option(
+        "train",
+        "train: weights and α on two halves of the training split (paper); val: α on the validation split",
+    )
+    train_portion: float = option(
+        0.5, "with split=train, the fraction of the training split used for weights"
+    )
+    pattern: str = option(
+        "conv", "regex on module class names (or a full node target) of the nodes to relax into mixed ops"
+    )
+    ops: list[str] = option(
+        None,
+        "candidate ops offered on relaxed edges (all 8 DARTS ops)",
+        default_factory=lambda: list(PRIMITIVES),
+    )
+    plots: bool = option(True, "write darts_alphas.png and, for cells, darts_normal.png / darts_reduce.png")
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (``--threads``), restoring the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _edge_label(module: Choice, fallback: str) -> str:
+    edge = getattr(module, "edge", None)
+    if edge is None:
+        return fallback
+    return f"{edge.cell_type} node {edge.node} <- {edge.source}"
+
+
+class Darts(Pass):
+    """DARTS: relax edges into softmax mixtures of candidate ops, bi-level search, keep the strongest."""
+
+    name = "darts"
+    Options = DartsOptions
+
+    def run(self, ir: IR, ctx: Context) -> IR:
+        opts: DartsOptions = self.options
+        self._check(opts)
+        if ctx.data is None:
+            raise BadInputError("pass 'darts' searches on data: give --data (e.g. npz:cifar10-subset.npz)")
+        relaxed: dict[str, list[str]] = {}
+        if not ir.construct_nodes(Choice):
+            relaxed = relax(ir, opts.pattern, opts.ops, generator=ctx.generator("darts.alpha"))
+            if not relaxed:
+                raise BadInputError(
+                    f"pass 'darts' found no node matching darts.pattern={opts.pattern!r} that a DARTS op can replace"
+                )
+        ir.gm.to(ctx.device)
+
+        # α in graph order, one entry per distinct parameter (tied α once), with a label each.
+        alphas: list[nn.Parameter] = []
+        labels: list[str] = []
+        names: list[list[str]] = []
+        for node in ir.construct_nodes(Choice):
+            module = ir.gm.get_submodule(str(node.target))
+            assert isinstance(module, Choice)
+            if any(module.alpha is a for a in alphas):
+                continue
+            alphas.append(module.alpha)
+            labels.append(_edge_label(module, node.name))
+            names.append(list(module.candidate_names))
+        arch_ids = {id(p) for p in ir.arch_parameters()}
+        weights = [p for p in unique_parameters(list(ir.gm.parameters())) if id(p) not in arch_ids]
+
+        train_set, val_set = self._splits(opts, ctx)
+        settings = SearchSettings(
+            epochs=opts.epochs,
+            batch_size=opts.batch_size,
+            order=opts.order,
+            w_lr=opts.w_lr,
+            w_lr_min=opts.w_lr_min,
+            w_momentum=opts.w_momentum,
+            w_weight_decay=opts.w_weight_decay,
+            grad_clip=opts.grad_clip,
+            arch_lr=opts.arch_lr,
+            arch_betas=(opts.arch_beta1, opts.arch_beta2),
+            arch_weight_decay=opts.arch_weight_decay,
+            steps_per_epoch=opts.steps_per_epoch,
+            progress=ctx.train.progress,
+        )
+        with torch_threads(ctx.threads):
+            result = search(
+                ir.gm, weights, alphas, train_set, val_set, settings, ctx.device, ctx.generator("darts.data")
+            )
+        genotype = genotype_of(ir)
+        final_weights = {
+            label: dict(zip(n, h)) for label, n, h in zip(labels, names, result.alpha_history[-1])
+        }
+        decisions = discretize(ir)
+        ir.gm.train(False)
+
+        if genotype is not None:
+            document: dict[str, Any] = genotype.as_dict()
+        else:
+            document = {"edges": {k: v for k, v in decisions.items()}}
+        ctx.stage("genotype.json").write_text(json.dumps(document, indent=2) + "\n")
+        plots: list[str] = []
+        if opts.plots:
+            from nas.darts.plots import plot_alpha_history, plot_cell
+
+            plot_alpha_history(result.alpha_history, labels, names, ctx.stage("darts_alphas.png"))
+            plots.append("darts_alphas.png")
+            if genotype is not None:
+                plot_cell(
+                    genotype.normal, genotype.normal_concat, ctx.stage("darts_normal.png"), "normal cell"
+                )
+                plot_cell(
+                    genotype.reduce, genotype.reduce_concat, ctx.stage("darts_reduce.png"), "reduction cell"
+                )
+                plots += ["darts_normal.png", "darts_reduce.png"]
+        ctx.section(
+            "darts",
+            {
+                "order": opts.order,
+                "epochs": opts.epochs,
+                "space": "cells" if genotype is not None else "relaxed edges",
+                "relaxed_nodes": relaxed,
+                "genotype": genotype.as_dict() if genotype is not None else None,
+                "decisions": decisions,
+                "mixture_weights": final_weights,
+                "history": result.history,
+                "files": ["genotype.json", *plots],
+            },
+        )
+        last = result.history[-1] if result.history else {}
+        ctx.record(
+            order=opts.order,
+            epochs=opts.epochs,
+            edges=len(decisions),
+            kept=sum(1 for v in decisions.values() if v != "cut"),
+            search_train_accuracy=round(float(last.get("train_accuracy", 0.0)), 4),
+        )
+        return ir
+
+    @staticmethod
+    def _check(opts: DartsOptions) -> None:
+        if opts.epochs < 0 or opts.batch_size < 1 or opts.steps_per_epoch < 0:
+            raise BadInputError("darts.epochs and darts.steps_per_epoch must be >= 0, darts.batch_size >= 1")
+        if not 0.0 < opts.train_portion < 1.0:
+            raise BadInputError(f"darts.train_portion must be in (0, 1), got {opts.train_portion}")
+        unknown = [o for o in opts.ops if o not in PRIMITIVES]
+        if unknown or not [o for o in opts.ops if o != "none"]:
+            raise BadInputError(
+                f"darts.ops needs DARTS ops other than none (unknown: {', '.join(unknown) or '-'}; known: {', '.join(PRIMITIVES)})"
+            )
+        if min(opts.w_lr, opts.arch_lr) <= 0:
+            raise BadInputError("darts.w_lr and darts.arch_lr must be positive")
+
+    @staticmethod
+    def _splits(opts: DartsOptions, ctx: Context) -> tuple[Any, Any]:
+        """Weights' and α's data: two halves of the training split (paper), or train and val."""
+        assert ctx.data is not None
+        if opts.split == "val":
+            return ctx.data.train, ctx.data.val
+        n = len(ctx.data.train)
+        order = torch.randperm(n, generator=ctx.generator("darts.split")).tolist()
+        cut = round(opts.train_portion * n)
+        if cut < 1 or cut >= n:
+            raise BadInputError(f"the training split ({n} images) is too small to halve for DARTS")
+        return Subset(ctx.data.train, order[:cut]), Subset(ctx.data.train, order[cut:])
+
+
+__all__ = ["Darts", "DartsOptions", "MixedOp"]
