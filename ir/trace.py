@@ -80,12 +80,12 @@ def _display_path(filename: str) -> str:
 def _reason(exc: BaseException) -> str:
     """A short statement of why fx failed, on one line."""
     text = " ".join(str(exc).split())
-    if "control flow" in text:
-        return "data-dependent control flow (a traced tensor decides a Python branch)"
+    if "cannot be iterated" in text:
+        return "iteration over a traced tensor (a Python loop or *args over it)"
     if "len" in text and "not supported" in text:
         return "len() of a traced tensor"
-    if "cannot be iterated" in text or ("iter" in text.lower() and "proxy" in text.lower()):
-        return "iteration over a traced tensor"
+    if "control flow" in text:
+        return "data-dependent control flow (a traced tensor decides a Python branch or value)"
     if len(text) > 160:
         text = text[:157] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
