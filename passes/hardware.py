@@ -185,6 +185,8 @@ class Hardware(Pass):
         opts: HardwareOptions = self.options
         target = make_target(ctx.target, ctx.threads, opts)
         budget: Budget | None = ctx.budget
+        if budget is not None and budget.accuracy_drop is not None:
+            self._check_accuracy_inputs(ctx)  # before spending seconds on measurements
         staged = ctx.artifacts.get("model.onnx")
         with tempfile.TemporaryDirectory(prefix="fxsculpt-hardware-") as tmp:
             onnx_path = staged if staged is not None and staged.exists() else None
@@ -272,14 +274,19 @@ class Hardware(Pass):
         raise BudgetError("model over budget: " + "; ".join(_describe(c) for c in missed))
 
     def _accuracy(self, onnx_path: Path, ctx: Context) -> float:
+        self._check_accuracy_inputs(ctx)
+        assert ctx.data is not None
+        x, y = ctx.data.test.tensors[0].cpu().numpy(), ctx.data.test.tensors[1].cpu().numpy()
+        return onnx_accuracy(onnx_path, x, y, ctx.threads)
+
+    @staticmethod
+    def _check_accuracy_inputs(ctx: Context) -> None:
         if ctx.data is None:
             raise BadInputError("an accuracy_drop budget needs test data: give --data")
         if ctx.accuracy_before is None:
             raise BadInputError(
                 "an accuracy_drop budget needs the accuracy before the passes (a classifier and --data)"
             )
-        x, y = ctx.data.test.tensors[0].cpu().numpy(), ctx.data.test.tensors[1].cpu().numpy()
-        return onnx_accuracy(onnx_path, x, y, ctx.threads)
 
 
 def _describe(c: Constraint) -> str:
