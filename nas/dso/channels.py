@@ -185,9 +185,14 @@ def cat_dim(node: fx.Node) -> int:
 def node_inputs(node: fx.Node) -> list[fx.Node]:
     """Every node ``node`` reads, in argument order, without repeats."""
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    seen: set[fx.Node] = set()
-    return [n for n in found if not (n in seen or seen.add(n))]
+
+    def visit(n: fx.Node) -> fx.Node:
+        if n not in found:
+            found.append(n)
+        return n
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return found
 
 
 # -- the analysis ----------------------------------------------------------------------------
@@ -319,7 +324,12 @@ def _tie_node(ana: ChannelAnalysis, node: fx.Node) -> None:
         extra = [n for n in inputs if n is not first]
         for n in extra:
             ana.pin_node(n)
-        if kind == "linear" and ana.has_channels(first) and len(_shape(ana.ir, first) or ()) != 2:
+        if (
+            kind == "linear"
+            and isinstance(first, fx.Node)
+            and ana.has_channels(first)
+            and len(_shape(ana.ir, first) or ()) != 2
+        ):
             ana.pin_node(first)  # Linear over the last dim of a >2-D tensor: not channels
             ana.pin_node(node)
         return
@@ -433,6 +443,7 @@ def bn_shift(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 
 def _layer_zero_outputs(module: nn.Module, zero_in: torch.Tensor) -> torch.Tensor:
     """Output channels of a Conv/Linear that are zero given which input channels are zero."""
+    assert isinstance(module.weight, torch.Tensor)
     weight = module.weight.detach()
     cout = weight.shape[0]
     groups = getattr(module, "groups", 1)

@@ -25,6 +25,7 @@ from torch import fx, nn
 from ir.constructs import Gate
 from ir.graph import IR
 from nas.dso.channels import analyze, node_inputs
+from nas.dso.shrink import rewire_all_but
 
 GATE_ROOT = "dso_gates"
 
@@ -93,6 +94,13 @@ def _is_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), Gate)
 
 
+def _is_channel_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(str(node.target))
+    return isinstance(module, Gate) and module.groups > 0
+
+
 def _gate_groups(vector: tuple[int, ...], group_size: int) -> int:
     """How many λ a gate over channels with class ``vector`` gets: one per run of a class,
     merged to ``group_size`` channels where runs are shorter, when the runs are uniform."""
@@ -123,7 +131,7 @@ def gate_channels(ir: IR, group_size: int = 1, skip: Iterable[str] = ()) -> list
         users = list(node.users)
         if len(users) == 1 and ana.kinds.get(users[0]) == "bn":
             point = users[0]
-        if any(_is_gate(gm, u) for u in point.users) or not ana.has_channels(point):
+        if any(_is_channel_gate(gm, u) for u in point.users) or not ana.has_channels(point):
             continue
         vector = ana.class_vector(point)
         if any(k in pinned for k in vector):
@@ -137,7 +145,7 @@ def gate_channels(ir: IR, group_size: int = 1, skip: Iterable[str] = ()) -> list
         for point in where:
             with gm.graph.inserting_after(point):
                 gate_node = gm.graph.call_module(target, (point,))
-            point.replace_all_uses_with(gate_node, delete_user_cb=lambda u, g=gate_node: u is not g)
+            point.replace_all_uses_with(gate_node, delete_user_cb=rewire_all_but(gate_node))
         names.append(target)
     gm.recompile()
     ir.propagate()

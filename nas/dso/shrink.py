@@ -15,6 +15,7 @@ gates at zero; tests check it numerically):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,18 +92,23 @@ def remove_zero_branches(ir: IR) -> ShrinkReport:
             continue
         if ana.kinds.get(node) == "zeros" or not fully_zero(ana, node):
             continue
-        shape = getattr(node.meta.get("sculpt"), "shape", None)
-        if shape is None or len(shape) < 2:
+        zshape = getattr(node.meta.get("sculpt"), "shape", None)
+        if zshape is None or len(zshape) < 2:
             continue
         if all(ana.kinds.get(u) == "zeros" for u in node.users):
             continue
         with graph.inserting_after(node):
-            zeros = graph.call_function(zeros_batch, (placeholder, tuple(int(d) for d in shape[1:])))
-        node.replace_all_uses_with(zeros, delete_user_cb=lambda u, z=zeros: u is not z)
+            zeros = graph.call_function(zeros_batch, (placeholder, tuple(int(d) for d in zshape[1:])))
+        node.replace_all_uses_with(zeros, delete_user_cb=rewire_all_but(zeros))
         zeros.meta = dict(node.meta)
         report.zeroed_tensors += 1
     report.nodes_removed = _cleanup(ir)
     return report
+
+
+def rewire_all_but(keep: fx.Node) -> Callable[[fx.Node], bool]:
+    """A ``delete_user_cb`` that rewires every user except ``keep`` itself."""
+    return lambda user: user is not keep
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -126,6 +132,7 @@ def removable_classes(ana: ChannelAnalysis) -> set[int]:
             if ana.kinds[user] not in ("conv", "linear") or not user.args or user.args[0] is not node:
                 continue
             module = gm.get_submodule(str(user.target))
+            assert isinstance(module.weight, torch.Tensor)
             weight = module.weight.detach()
             dims = [0, *range(2, weight.dim())]
             unused = (weight.abs().amax(dim=dims) == 0).cpu() if weight.shape[1] == count else None
@@ -242,11 +249,10 @@ def remove_channels(ir: IR) -> ShrinkReport:
         in_keep = _kept(ana, first, removed)
         if len(in_keep) != ana.channels[first]:
             done.add(str(node.target))
-            out_keep = list(range(ana.channels[node])) if ana.has_channels(node) else None
             module = gm.get_submodule(str(node.target))
-            if out_keep is None:
-                out_keep = list(range(module.weight.shape[0]))
-            shrink_module(module, in_keep, out_keep)
+            assert isinstance(module.weight, torch.Tensor)
+            count = ana.channels[node] if ana.has_channels(node) else int(module.weight.shape[0])
+            shrink_module(module, in_keep, list(range(count)))
     gm.recompile()
     ir.propagate()
     return report
