@@ -59,6 +59,7 @@ class LatencyTable:
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         self.path = self.cache_dir / f"{target.name}-{digest}.json"
         self.entries: dict[str, float] = {}
+        self._memo: dict[LayerSignature, float] = {}  # hash lookups without re-serializing the key
         self.measurements = 0
         self.measure_seconds = 0.0
         self._load()
@@ -100,15 +101,20 @@ class LatencyTable:
 
     def lookup(self, sig: LayerSignature, module: nn.Module | None = None, save: bool = True) -> float:
         """Milliseconds of ``sig`` on the target: from the table, else measured now and stored."""
+        memo = self._memo.get(sig)
+        if memo is not None:
+            return memo
         key = sig.key()
         cached = self.entries.get(key)
         if cached is not None:
+            self._memo[sig] = cached
             return cached
         start = time.perf_counter()
         value = float(self.target.layer_latency_ms(sig, module))
         self.measure_seconds += time.perf_counter() - start
         self.measurements += 1
         self.entries[key] = value
+        self._memo[sig] = value
         if save:
             self._save()
         return value

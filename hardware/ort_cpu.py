@@ -18,8 +18,10 @@ from torch import nn
 from hardware.layers import LayerSignature
 from hardware.runtime import (
     DEFAULT_MAX_SPREAD,
+    Clock,
     Timing,
     cpu_name,
+    default_clock,
     measurement_session,
     ort_version,
     session_inputs,
@@ -46,6 +48,7 @@ class OrtCpuTarget(Target):
         layer_max_seconds: float = 0.3,
         rel_tol: float = 0.01,
         max_spread: float = DEFAULT_MAX_SPREAD,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__(threads)
         if threads < 1:
@@ -55,10 +58,15 @@ class OrtCpuTarget(Target):
         self.layer_max_seconds = layer_max_seconds
         self.rel_tol = rel_tol
         self.max_spread = max_spread
+        self.clock: Clock = clock if clock is not None else default_clock(threads)
+        if self.clock not in ("cpu", "wall"):
+            raise BadInputError(f"clock must be 'cpu' or 'wall', got {self.clock!r}")
+        what = "CPU time of the one inference thread" if self.clock == "cpu" else "wall clock"
+        self.label = f"measured on ONNX Runtime (CPU), {what}"
         self._overhead: float | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {"cpu": cpu_name(), "onnxruntime": ort_version(), "threads": self.threads}
+        return {"cpu": cpu_name(), "onnxruntime": ort_version(), "threads": self.threads, "clock": self.clock}
 
     def time_model(
         self,
@@ -77,6 +85,7 @@ class OrtCpuTarget(Target):
             max_seconds=self.max_seconds if max_seconds is None else max_seconds,
             rel_tol=self.rel_tol,
             max_spread=self.max_spread,
+            clock=self.clock,
         )
 
     def layer_latency_ms(self, sig: LayerSignature, module: nn.Module | None = None) -> float:

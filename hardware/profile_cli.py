@@ -33,6 +33,12 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (1)")
     parser.add_argument("--per-layer", action="store_true", help="list every layer, not only the 10 slowest")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--clock",
+        default="auto",
+        choices=("auto", "cpu", "wall"),
+        help="ort-cpu latency clock: cpu (thread CPU time; the default at 1 thread, robust on a busy machine) or wall",
+    )
     parser.add_argument("--runs", type=int, default=20, help="profiled runs for per-layer times (20)")
     parser.add_argument(
         "--trust-model",
@@ -95,7 +101,9 @@ def profile_model(args: argparse.Namespace) -> dict[str, Any]:
     if is_onnx and not Path(source).is_file():
         raise BadInputError(f"ONNX file {source} does not exist")
     ir = None if is_onnx else _load(args)
-    target = get_target(args.target, args.threads)
+    clock = getattr(args, "clock", "auto")
+    options: dict[str, Any] = {} if args.target != "ort-cpu" or clock == "auto" else {"clock": clock}
+    target = get_target(args.target, args.threads, **options)
     result: dict[str, Any] = {
         "model": source,
         "target": target.name,
@@ -117,6 +125,8 @@ def profile_model(args: argparse.Namespace) -> dict[str, Any]:
             latency_ms_median=latency.median_ms,
             latency_ms_p90=latency.p90_ms,
             spread_ok=latency.spread_ok,
+            clock=latency.details.get("clock", "model"),
+            wall_ms_median=latency.details.get("wall_median_ms"),
             batch=batch,
         )
         layers: list[dict[str, Any]] = []
@@ -180,7 +190,7 @@ def render(result: dict[str, Any], per_layer: bool) -> str:
     spread = "" if result["spread_ok"] else "  (spread too wide: the machine is busy, do not trust)"
     lines.append(
         f"latency: median {result['latency_ms_median']:.4f} ms, p90 {result['latency_ms_p90']:.4f} ms "
-        f"at batch {result['batch']}, {result['threads']} thread(s){spread}"
+        f"({result['clock']} clock) at batch {result['batch']}, {result['threads']} thread(s){spread}"
     )
     lines.append(f"sum of layers: {result['layers_total_ms']:.4f} ms")
     counts = result.get("counts")

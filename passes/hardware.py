@@ -44,6 +44,10 @@ class HardwareOptions:
     max_seconds: float = option(2.0, "time cap of the whole-model latency measurement, seconds")
     max_spread: float = option(1.5, "p90/median above this flags the latency as too noisy to trust")
     per_layer: bool = option(True, "profile per layer (ort-cpu) and report where the time goes")
+    clock: str = option(
+        "auto",
+        "ort-cpu latency clock: 'cpu' (thread CPU time, robust on a busy machine), 'wall', or 'auto' (cpu at 1 thread)",
+    )
     bitserial_bricks: int = option(8192, "bitserial: 2-bit BitBricks in the array")
     bitserial_freq_mhz: float = option(500.0, "bitserial: clock frequency, MHz")
     bitserial_bandwidth_gbs: float = option(25.6, "bitserial: DRAM bandwidth, GB/s")
@@ -52,6 +56,8 @@ class HardwareOptions:
     )
 
     def __post_init__(self) -> None:
+        if self.clock not in ("auto", "cpu", "wall"):
+            raise ValueError("hardware.clock must be auto, cpu or wall")
         if self.profile_runs < 1 or self.max_seconds <= 0 or self.max_spread < 1:
             raise ValueError("hardware.profile_runs >= 1, max_seconds > 0 and max_spread >= 1 are required")
 
@@ -68,7 +74,10 @@ def make_target(name: str, threads: int, opts: HardwareOptions) -> Target:
             combine=opts.bitserial_combine,
         )
     if name == "ort-cpu":
-        return get_target(name, threads, max_seconds=opts.max_seconds, max_spread=opts.max_spread)
+        clock = None if opts.clock == "auto" else opts.clock
+        return get_target(
+            name, threads, max_seconds=opts.max_seconds, max_spread=opts.max_spread, clock=clock
+        )
     return get_target(name, threads)
 
 
@@ -216,6 +225,9 @@ class Hardware(Pass):
             "latency_ms_median": round(latency.median_ms, 5),
             "latency_ms_p90": round(latency.p90_ms, 5),
             "spread_ok": latency.spread_ok,
+            "clock": latency.details.get("clock", "model"),
+            "wall_ms_median": latency.details.get("wall_median_ms"),
+            "wall_ms_p90": latency.details.get("wall_p90_ms"),
             "runs": latency.runs,
             "batch": 1,
             "measured_file": "model.onnx"

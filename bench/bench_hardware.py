@@ -1,0 +1,262 @@
+"""Hardware benchmark: int8 vs float32 on ONNX Runtime, and how well latency tables predict.
+
+For each built-in model (``builtin:resnet``, ``builtin:mobilenet``, CIFAR-sized input):
+
+- float32 and int8 (``quantize_static``: QDQ, uint8 activations, int8 per-channel weights)
+  whole-model latency on ``ort-cpu`` at batch 1 and 32, 1 thread, and the speed-up;
+- the latency predicted from per-layer tables (sum of single-layer measurements, minus the
+  per-call overhead each includes, plus one overhead) against the measured latency, with the
+  relative error, for float32 and int8 at batch 1 and 32;
+- the time to build the tables from a cold cache (a temporary folder) and a warm lookup;
+- the analytical ``bitserial`` latency at uniform 8/6/4/2 bits (labelled as a model).
+
+Run: ``python bench/bench_hardware.py`` (about two minutes on two cores). Writes
+``bench/results/hardware.json`` and ``bench/results/hardware.md``. The machine is shared and
+noisy: every ratio compares numbers taken in the same run, and each measurement carries its
+p90/median spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hardware.bitserial import BitserialTarget  # noqa: E402
+from hardware.latency_table import LatencyTable, ir_at_batch, predict_model  # noqa: E402
+from hardware.layers import layer_groups  # noqa: E402
+from hardware.ort_cpu import OrtCpuTarget  # noqa: E402
+from hardware.runtime import cpu_name, measurement_session, ort_version  # noqa: E402
+from ir.graph import IR  # noqa: E402
+from ir.load import LoadOptions, load_ir  # noqa: E402
+from passes.export import export_onnx  # noqa: E402
+
+MODELS = ("resnet", "mobilenet")
+BATCHES = (1, 32)
+
+
+def quantize_int8(float_path: Path, int8_path: Path, input_shape: tuple[int, ...]) -> None:
+    """ONNX Runtime's static QDQ quantization with the fast-path types (TOOLCHAIN.md)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.items = [
+                {"x": rng.standard_normal((1, *input_shape[1:])).astype(np.float32)} for _ in range(8)
+            ]
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return self.items.pop() if self.items else None
+
+    quantize_static(
+        str(float_path),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+
+
+def integer_kernels(path: Path, workdir: Path) -> dict[str, int]:
+    """Counts of integer kernels in the graph ONNX Runtime actually runs."""
+    optimized = workdir / f"{path.stem}.optimized.onnx"
+    measurement_session(path, 1, optimized_model_path=optimized)
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    return {op: ops.count(op) for op in sorted(set(ops)) if op.startswith(("QLinear", "QGemm"))}
+
+
+def with_uniform_bits(ir: IR, weight_bits: int | None, act_bits: int | None) -> IR:
+    """A copy of ``ir`` whose every node carries the given bit-widths (weights only where MACs are)."""
+    copy = ir.clone()
+    copy.propagate()
+    for node in copy.gm.graph.nodes:
+        meta = copy.meta(node)
+        meta.act_bits = act_bits
+        meta.weight_bits = weight_bits if meta.macs else None
+    return copy
+
+
+def measure(target: OrtCpuTarget, path: Path, batch: int) -> dict[str, Any]:
+    timing = target.time_model(path, batch=batch, max_seconds=4.0 if batch > 1 else 2.0)
+    return {
+        "median_ms": timing.median_ms,
+        "p90_ms": timing.p90_ms,
+        "clock": timing.clock,
+        "wall_median_ms": timing.wall_median_ms,
+        "runs": timing.runs,
+        "spread_ok": timing.spread_ok,
+    }
+
+
+def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    shape = (1, 3, 32, 32)
+    ir = load_ir(f"builtin:{name}", LoadOptions(input_shape=shape, num_classes=10))
+    float_path, int8_path = workdir / f"{name}.fp32.onnx", workdir / f"{name}.int8.onnx"
+    export_onnx(ir.gm.eval(), ir.example_input(batch=2), float_path, dynamic_batch=True)
+    quantize_int8(float_path, int8_path, shape)
+    target = OrtCpuTarget(threads=1)
+    ir8 = with_uniform_bits(ir, 8, 8)
+    out: dict[str, Any] = {
+        "model": f"builtin:{name}",
+        "input_shape": list(shape),
+        "params": ir.param_count(),
+        "macs": ir.mac_count(),
+        "int8_kernels": integer_kernels(int8_path, workdir),
+        "batches": {},
+    }
+    table_fp32 = LatencyTable(target, cache / "fp32")
+    table_int8 = LatencyTable(target, cache / "int8")
+    build_seconds = 0.0
+    for batch in BATCHES:
+        fp32 = measure(target, float_path, batch)
+        int8 = measure(target, int8_path, batch)
+        start = time.perf_counter()
+        pred_fp32 = predict_model(ir, table_fp32, batch=batch)
+        pred_int8 = predict_model(ir8, table_int8, batch=batch)
+        build_seconds += time.perf_counter() - start
+        out["batches"][str(batch)] = {
+            "fp32": fp32,
+            "int8": int8,
+            "int8_speedup": fp32["median_ms"] / int8["median_ms"],
+            "fp32_predicted_ms": pred_fp32.total_ms,
+            "int8_predicted_ms": pred_int8.total_ms,
+            "fp32_error": pred_fp32.total_ms / fp32["median_ms"] - 1.0,
+            "int8_error": pred_int8.total_ms / int8["median_ms"] - 1.0,
+            "overhead_ms": pred_fp32.overhead_ms,
+            "unpredicted_nodes": pred_fp32.unpredicted,
+        }
+    # warm: a new table object reads the cache written above, then answers from memory
+    start = time.perf_counter()
+    warm = LatencyTable(target, cache / "fp32")
+    predict_model(ir, warm, batch=1)
+    warm_predict_s = time.perf_counter() - start
+    signatures = [g.signature for g in layer_groups(ir) if g.signature is not None]
+    start = time.perf_counter()
+    repeats = 200
+    for _ in range(repeats):
+        for sig in signatures:
+            warm.lookup(sig)
+    lookup_us = (time.perf_counter() - start) / (repeats * len(signatures)) * 1e6
+    out["table"] = {
+        "entries_fp32": len(table_fp32),
+        "entries_int8": len(table_int8),
+        "cold_build_seconds": build_seconds,
+        "warm_new_table_predict_seconds": warm_predict_s,
+        "warm_measurements": warm.measurements,
+        "warm_lookup_us": lookup_us,
+    }
+    bitserial = BitserialTarget()
+    out["bitserial_ms"] = {
+        str(bits): bitserial.model_latency(with_uniform_bits(ir, bits, bits), None).median_ms
+        for bits in (8, 6, 4, 2)
+    }
+    out["bitserial_ms"]["fp32"] = bitserial.model_latency(ir_at_batch(ir, 1), None).median_ms
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# Hardware benchmark",
+        "",
+        f"ONNX Runtime {results['onnxruntime']} on {results['cpu']}, {results['threads']} thread, "
+        f"sequential, ORT_ENABLE_EXTENDED. Command: `python bench/bench_hardware.py`.",
+        f"Latency in ms: median of timed runs after warm-up, on the `{results['clock']}` clock "
+        "(CPU time of the one inference thread: the machine is shared, load average "
+        f"{results['load_before']:.1f} before / {results['load_after']:.1f} after the run on "
+        f"{results['cores']} cores; wall-clock medians are in hardware.json). Error = predicted / measured - 1.",
+        "int8 = `quantize_static` QDQ, uint8 activations, int8 per-channel weights.",
+        "",
+        "| model | batch | fp32 ms | int8 ms | int8 speed-up | fp32 predicted | fp32 error | int8 predicted | int8 error | spread ok (fp32/int8) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in results["models"]:
+        for batch, row in model["batches"].items():
+            lines.append(
+                f"| {model['model']} | {batch} | {row['fp32']['median_ms']:.3f} | {row['int8']['median_ms']:.3f} "
+                f"| {row['int8_speedup']:.2f}x | {row['fp32_predicted_ms']:.3f} | {100 * row['fp32_error']:+.1f}% "
+                f"| {row['int8_predicted_ms']:.3f} | {100 * row['int8_error']:+.1f}% "
+                f"| {row['fp32']['spread_ok']}/{row['int8']['spread_ok']} |"
+            )
+    lines += [
+        "",
+        "## Latency tables",
+        "",
+        "| model | fp32 entries | int8 entries | cold build (s, both tables, both batches) | new table from disk + predict (s) | measurements when warm | warm lookup (µs) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in results["models"]:
+        t = model["table"]
+        lines.append(
+            f"| {model['model']} | {t['entries_fp32']} | {t['entries_int8']} | {t['cold_build_seconds']:.2f} "
+            f"| {t['warm_new_table_predict_seconds']:.4f} | {t['warm_measurements']} | {t['warm_lookup_us']:.2f} |"
+        )
+    lines += [
+        "",
+        "## bitserial (analytical model, not a measurement), batch 1, ms",
+        "",
+        "| model | fp32 (as 32-bit) | 8 bit | 6 bit | 4 bit | 2 bit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in results["models"]:
+        b = model["bitserial_ms"]
+        lines.append(
+            f"| {model['model']} | {b['fp32']:.4f} | {b['8']:.4f} | {b['6']:.4f} | {b['4']:.4f} | {b['2']:.4f} |"
+        )
+    lines += ["", "int8 integer kernels in the optimized graphs:", ""]
+    for model in results["models"]:
+        lines.append(f"- {model['model']}: {model['int8_kernels']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated built-in models")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "onnxruntime": ort_version(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "clock": OrtCpuTarget(threads=1).clock,
+        "cores": os.cpu_count(),
+        "load_before": os.getloadavg()[0],
+        "models": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="fxsculpt-bench-hw-") as tmp:
+        work, cache = Path(tmp) / "work", Path(tmp) / "cache"
+        work.mkdir()
+        for name in args.models.split(","):
+            start = time.perf_counter()
+            results["models"].append(bench_model(name.strip(), work, cache))
+            print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    results["load_after"] = os.getloadavg()[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hardware.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    markdown = render(results)
+    (out / "hardware.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
