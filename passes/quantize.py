@@ -1,0 +1,272 @@
+"""The ``quantize`` pass: uniform or DFQ mixed-precision fake quantization, as IR nodes.
+
+Weights are quantized through :class:`quant.modules.WeightQuantizer` constructs that wrap each
+Conv/Linear node (same node, same name); activations through :class:`quant.modules.ActQuantizer`
+nodes after the input and every conv/linear, ReLU, add and average pool (see
+:mod:`quant.insert`). BatchNorms are folded into their convolutions first, as integer inference
+does. The model leaves the pass frozen: weights on their grids, scales as constants, which the
+``export`` pass writes as QuantizeLinear/DequantizeLinear (ONNX Runtime then runs 8-bit layers as
+QLinearConv/QGemm); 4-bit weights as opset-21 INT4, other widths in an 8-bit container.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ir.errors import BadInputError, BudgetError
+from ir.graph import IR
+from passes.base import Context, Pass, TrainSettings
+from passes.options import option
+from quant import dfq
+from quant import insert as qi
+from quant.modules import WeightQuantizer
+
+
+@dataclass
+class QuantizeOptions:
+    method: Literal["uniform", "dfq"] = option(
+        "uniform",
+        "uniform: every layer at `bits`; dfq: differentiable search over `candidates` (Cheng et al. 2018)",
+    )
+    bits: int = option(8, "weight bit-width (2..8) of the uniform method")
+    act_bits: int = option(8, "activation bit-width (2..8); sub-8-bit activations buy no speed on ORT CPU")
+    first_last_bits: int = option(8, "bit-width of the first and last layer (0: treat them like the others)")
+    weight_granularity: Literal["channel", "tensor"] = option(
+        "channel", "weight scales per output channel or per tensor"
+    )
+    calibration: Literal["auto", "minmax", "percentile", "kl"] = option(
+        "auto", "activation calibration; auto = KL divergence below 5 bits (as HAQ), min/max otherwise"
+    )
+    percentile: float = option(99.99, "percentile of |x| used by calibration=percentile")
+    calib_batches: int = option(8, "training batches used to calibrate activation scales")
+    keep_float: list[str] = option(
+        None, "layers left in float (node names or module paths, comma-separated)", default_factory=list
+    )
+    finetune_epochs: int = option(
+        -1, "quantization-aware fine-tuning epochs (STE); -1: 0 for uniform, 1 for dfq"
+    )
+    finetune_lr: float = option(0.0, "fine-tuning learning rate (0: a tenth of --lr)")
+    candidates: list[int] = option(
+        None, "dfq: candidate weight bit-widths", default_factory=lambda: [2, 4, 8]
+    )
+    groups: int = option(1, "dfq: channel groups per layer with their own bit-width (1: per layer)")
+    tolerance: float = option(0.1, "dfq: θ = float validation loss + tolerance (nats)")
+    avg_bits: float = option(
+        0.0, "dfq: size budget as average weight bits over the searched layers (0: no budget)"
+    )
+    search_epochs: int = option(-1, "dfq: search epochs (-1: --epochs)")
+    arch_lr: float = option(0.05, "dfq: Adam learning rate of the bit logits α")
+    dual_lr: float = option(1.0, "dfq: step size of the Lagrange multiplier's dual ascent")
+    initial_multiplier: float = option(1.0, "dfq: initial Lagrange multiplier λ")
+
+    def __post_init__(self) -> None:
+        checks = [("bits", self.bits), ("act_bits", self.act_bits)]
+        if self.first_last_bits:
+            checks.append(("first_last_bits", self.first_last_bits))
+        checks += [("candidates", b) for b in self.candidates]
+        for name, value in checks:
+            if not 2 <= int(value) <= 8:
+                raise ValueError(f"{name} must be between 2 and 8, got {value}")
+        if not self.candidates:
+            raise ValueError("candidates must name at least one bit-width")
+        if self.groups < 1:
+            raise ValueError("groups must be at least 1")
+        if self.calib_batches < 1:
+            raise ValueError("calib_batches must be at least 1")
+
+
+class Quantize(Pass):
+    """Mixed-precision fake quantization (uniform or DFQ) as graph nodes, calibrated and fine-tuned."""
+
+    name: ClassVar[str] = "quantize"
+    Options: ClassVar[type] = QuantizeOptions
+    preserves_semantics: ClassVar[bool] = False
+    placement: ClassVar[Literal["user"]] = "user"
+
+    def run(self, ir: IR, ctx: Context) -> IR:
+        opts: QuantizeOptions = self.options
+        if opts.method == "dfq" and ctx.data is None:
+            raise BadInputError(
+                "quantize.method=dfq needs data (--data): it searches on the validation split"
+            )
+        float_size_bits = qi.model_size_bits(ir)
+        _fold_batchnorms(ir)
+        float_val_loss = _val_loss(ir, ctx) if ctx.data is not None else None
+
+        layers = [n.name for n in qi.layer_nodes(ir)]
+        if not layers:
+            raise BadInputError("quantize found no Conv or Linear layer to quantize")
+        try:
+            keep = qi.resolve_layer_names(ir, opts.keep_float)
+        except KeyError as exc:
+            raise BadInputError(
+                f"quantize.keep_float names '{exc.args[0]}', which is not a Conv/Linear layer "
+                f"(layers: {', '.join(layers)})"
+            ) from None
+        quantized = [n for n in layers if n not in keep]
+        edge = {quantized[0], quantized[-1]} if opts.first_last_bits and quantized else set()
+        weight_bits = {n: (opts.first_last_bits if n in edge else opts.bits) for n in quantized}
+        qi.insert_quantizers(
+            ir, weight_bits, opts.act_bits, per_channel=opts.weight_granularity == "channel", keep_float=keep
+        )
+
+        history: list[dict[str, float]] = []
+        multiplier_info: dict[str, Any] = {}
+        if opts.method == "dfq":
+            assert ctx.data is not None and float_val_loss is not None
+            searched = {n: m for n, m in qi.weight_quantizers(ir).items() if n not in edge}
+            if not searched:
+                raise BadInputError(
+                    "quantize.method=dfq has no layer to search (all are first/last or float)"
+                )
+            for module in searched.values():
+                module.enable_search(tuple(opts.candidates), opts.groups)
+            self._calibrate(ir, ctx)
+            theta = float_val_loss + opts.tolerance
+            settings = dfq.DFQSettings(
+                epochs=opts.search_epochs if opts.search_epochs >= 0 else ctx.train.epochs,
+                batch_size=ctx.train.batch_size,
+                weight_lr=self._finetune_lr(ctx),
+                arch_lr=opts.arch_lr,
+                dual_lr=opts.dual_lr,
+                initial_multiplier=opts.initial_multiplier,
+                theta=theta,
+                progress=ctx.train.progress,
+            )
+            result = dfq.search(
+                ir.gm,
+                searched,
+                ctx.data.train,
+                ctx.data.val,
+                settings,
+                ctx.generator("quantize.dfq"),
+                ctx.device,
+            )
+            history = result.epochs
+            budget = None
+            if opts.avg_bits > 0:
+                budget = opts.avg_bits * sum(
+                    m.weight_numel_per_channel() * m.out_channels for m in searched.values()
+                )
+            chosen = dfq.choose_bits(searched, budget)
+            for name, bits in chosen.items():
+                searched[name].set_group_bits(bits)
+            if budget is not None:
+                used = sum(
+                    m.weight_numel_per_channel() * sum(m.channel_bits() or []) for m in searched.values()
+                )
+                if used > budget:
+                    raise BudgetError(
+                        f"quantize.avg_bits={opts.avg_bits} cannot be met: even the narrowest candidate "
+                        f"({min(opts.candidates)} bits) averages {used / budget * opts.avg_bits:.2f} bits"
+                    )
+            multiplier_info = {"theta": round(theta, 4), "float_val_loss": round(float_val_loss, 4)}
+            qi.update_meta(ir)
+
+        self._calibrate(ir, ctx)
+        epochs = opts.finetune_epochs if opts.finetune_epochs >= 0 else (1 if opts.method == "dfq" else 0)
+        if epochs and ctx.data is not None:
+            from training.loop import train_model
+
+            settings_ft = TrainSettings(
+                epochs=epochs,
+                batch_size=ctx.train.batch_size,
+                lr=self._finetune_lr(ctx),
+                progress=ctx.train.progress,
+            )
+            train_model(
+                ir.gm,
+                ctx.data.train,
+                settings_ft,
+                ctx.device,
+                ctx.generator("quantize.finetune"),
+                desc="quantize fine-tune",
+            )
+            ir.gm.eval()
+        qi.freeze(ir)
+        ir.gm.recompile()
+        ir.propagate()
+        qi.update_meta(ir)
+
+        size_bits = qi.model_size_bits(ir)
+        table = qi.bits_table(ir)
+        chosen_bits = {row["layer"]: row["weight_bits"] for row in table}
+        ctx.record(
+            method=opts.method,
+            size_kb=round(size_bits / 8 / 1024, 2),
+            compression=round(float_size_bits / max(size_bits, 1), 2),
+            layers_quantized=len(quantized),
+            layers_float=len(keep),
+            finetune_epochs=epochs,
+        )
+        section: dict[str, Any] = {
+            "method": opts.method,
+            "size_kb": round(size_bits / 8 / 1024, 3),
+            "float_size_kb": round(float_size_bits / 8 / 1024, 3),
+            "compression": round(float_size_bits / max(size_bits, 1), 3),
+            "act_bits": opts.act_bits,
+            "layers": table,
+        }
+        if opts.method == "dfq":
+            section["dfq"] = {**multiplier_info, "history": history, "chosen_bits": chosen_bits}
+        ctx.section("quantization", section)
+        ctx.logger.info("quantize: per-layer bits\n%s", format_bits_table(table))
+        return ir
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _finetune_lr(self, ctx: Context) -> float:
+        opts: QuantizeOptions = self.options
+        return opts.finetune_lr if opts.finetune_lr > 0 else ctx.train.lr / 10
+
+    def _calibrate(self, ir: IR, ctx: Context) -> None:
+        opts: QuantizeOptions = self.options
+        batches: list[torch.Tensor]
+        if ctx.data is not None:
+            from training.loop import make_loader
+
+            loader = make_loader(
+                ctx.data.train, ctx.train.batch_size, True, ctx.generator("quantize.calibrate")
+            )
+            batches = [x for x, _ in itertools.islice(loader, opts.calib_batches)]
+        else:  # no data: calibrate on seeded random inputs (documented as a poor substitute)
+            ctx.logger.warning("quantize: no --data given; calibrating activations on random inputs")
+            batches = [ir.example_input(batch=16, seed=ctx.seed + i) for i in range(opts.calib_batches)]
+        qi.calibrate(ir, batches, opts.calibration, opts.percentile)
+
+
+def format_bits_table(rows: list[dict[str, Any]]) -> str:
+    """The per-layer bits table as text (tabulate)."""
+    from tabulate import tabulate
+
+    return tabulate(rows, headers="keys", tablefmt="github")
+
+
+def _fold_batchnorms(ir: IR) -> None:
+    """Fold BatchNorm into the preceding conv (the form integer kernels run)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ir.gm.modules()):
+        return
+    from passes.fold_bn import fold_batchnorms
+
+    fold_batchnorms(ir)
+    ir.gm.recompile()
+    ir.propagate()
+
+
+def _val_loss(ir: IR, ctx: Context) -> float:
+    from training.loop import evaluate
+
+    assert ctx.data is not None
+    loss, _ = evaluate(ir.gm, ctx.data.val, batch_size=256, device=ctx.device)
+    if not math.isfinite(loss):
+        raise BadInputError("the float model's validation loss is not finite")
+    return loss
+
+
+# Exported for HAQ and tests: the weight quantizer type a layer gets.
+__all__ = ["Quantize", "QuantizeOptions", "WeightQuantizer", "format_bits_table"]

@@ -1,0 +1,385 @@
+"""Put quantizers into the IR as graph nodes, set their bits, calibrate, freeze, and count size.
+
+This is the API a mixed-precision method uses (uniform, DFQ here; HAQ reuses it):
+
+1. :func:`insert_quantizers` wraps every Conv/Linear in a :class:`WeightQuantizer` (same node,
+   same target) and adds an :class:`ActQuantizer` node after the model input and after every
+   conv/linear output, ReLU-like op, add and average pool, so that the exported graph has a
+   QuantizeLinear/DequantizeLinear pair on every tensor an integer kernel reads or writes
+   (a conv followed only by a ReLU is quantized after the ReLU, which ONNX Runtime then drops).
+2. :func:`set_bits` changes the widths (per layer name), :func:`calibrate` sets activation scales
+   from real batches, a fine-tune trains the weights through the straight-through estimator,
+   3. :func:`freeze` stores the weights on their grids, ready for :mod:`quant.export`.
+
+Every change is mirrored into ``NodeMeta.weight_bits`` / ``act_bits``: a layer's ``act_bits`` is
+the width of the quantizer feeding its input (what BitOps multiplies by).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ir.graph import IR
+from quant.modules import WRAPPABLE, ActQuantizer, WeightQuantizer
+
+RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+RELU_FUNCTIONS: tuple[Any, ...] = (F.relu, torch.relu, F.relu6)
+RELU_METHODS = ("relu", "relu_")
+ADD_FUNCTIONS: tuple[Any, ...] = (operator.add, operator.iadd, torch.add)
+ADD_METHODS = ("add", "add_")
+AVG_POOLS: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+#: Ops that keep a non-negative input non-negative and need no quantizer of their own (ONNX
+#: Runtime moves the QDQ pair across them).
+PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+)
+PASS_THROUGH_FUNCTIONS: tuple[Any, ...] = (torch.flatten, torch.reshape, F.max_pool2d, F.dropout)
+PASS_THROUGH_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze")
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def is_relu_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = _module(gm, node)
+    if module is not None:
+        return isinstance(module, RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in RELU_METHODS
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = _module(gm, node)
+    if module is not None:
+        return isinstance(module, PASS_THROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in PASS_THROUGH_FUNCTIONS
+    return node.op == "call_method" and node.target in PASS_THROUGH_METHODS
+
+
+def layer_nodes(ir: IR) -> list[fx.Node]:
+    """Conv/Linear nodes, wrapped or not, in graph order: the layers whose weights get bits."""
+    found = []
+    for node in ir.gm.graph.nodes:
+        module = _module(ir.gm, node)
+        if isinstance(module, (WeightQuantizer, *WRAPPABLE)):
+            found.append(node)
+    return found
+
+
+def weight_quantizers(ir: IR) -> dict[str, WeightQuantizer]:
+    """Layer node name → its :class:`WeightQuantizer`."""
+    out = {}
+    for node in layer_nodes(ir):
+        module = _module(ir.gm, node)
+        if isinstance(module, WeightQuantizer):
+            out[node.name] = module
+    return out
+
+
+def act_quantizers(ir: IR) -> dict[str, ActQuantizer]:
+    """Quantizer node name → its :class:`ActQuantizer`, in graph order."""
+    return {n.name: m for n in ir.gm.graph.nodes if isinstance(m := _module(ir.gm, n), ActQuantizer)}
+
+
+def resolve_layer_names(ir: IR, names: Iterable[str]) -> set[str]:
+    """Map user-given layer names (node names or module paths such as ``layer1.0.conv1``) to nodes.
+
+    Raises ``KeyError`` naming the first unknown one.
+    """
+    by_target = {str(n.target): n.name for n in layer_nodes(ir)}
+    node_names = {n.name for n in layer_nodes(ir)}
+    resolved = set()
+    for name in names:
+        if name in node_names:
+            resolved.add(name)
+        elif name in by_target:
+            resolved.add(by_target[name])
+        else:
+            raise KeyError(name)
+    return resolved
+
+
+@dataclass
+class Site:
+    """Where an activation quantizer goes: after ``node``, signed or not."""
+
+    node: fx.Node
+    signed: bool
+
+
+def activation_sites(ir: IR) -> list[Site]:
+    """The nodes whose outputs get an activation quantizer (see the module docstring)."""
+    gm = ir.gm
+    nonneg: set[fx.Node] = set()
+    sites: list[Site] = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if placeholders:
+        sites.append(Site(placeholders[0], signed=True))
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        module = _module(gm, node)
+        users = list(node.users)
+        only_relu = len(users) == 1 and is_relu_like(gm, users[0])
+        inputs = [a for a in node.all_input_nodes]
+        if isinstance(module, ActQuantizer):
+            continue
+        if is_relu_like(gm, node):
+            nonneg.add(node)
+            sites.append(Site(node, signed=False))
+        elif isinstance(module, (WeightQuantizer, *WRAPPABLE)):
+            if not only_relu:
+                sites.append(Site(node, signed=True))
+        elif is_add(node):
+            both = bool(inputs) and all(a in nonneg for a in inputs)
+            if both:
+                nonneg.add(node)
+            if not only_relu:
+                sites.append(Site(node, signed=not both))
+        elif isinstance(module, AVG_POOLS) or (
+            node.op == "call_function" and node.target in (F.avg_pool2d, F.adaptive_avg_pool2d)
+        ):
+            positive = bool(inputs) and inputs[0] in nonneg
+            if positive:
+                nonneg.add(node)
+            sites.append(Site(node, signed=not positive))
+        elif is_pass_through(gm, node) and inputs and inputs[0] in nonneg:
+            nonneg.add(node)
+    return sites
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, index = base, 1
+    taken = dict(gm.named_modules())
+    while name in taken or hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def _wrap(gm: fx.GraphModule, node: fx.Node, bits: int | None, per_channel: bool) -> WeightQuantizer:
+    target = str(node.target)
+    layer = gm.get_submodule(target)
+    if isinstance(layer, WeightQuantizer):
+        layer.bits = bits
+        return layer
+    wrapper = WeightQuantizer(layer, bits, per_channel)
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, wrapper)
+    return wrapper
+
+
+def insert_quantizers(
+    ir: IR,
+    weight_bits: Mapping[str, int | None],
+    act_bits: int | None = 8,
+    per_channel: bool = True,
+    keep_float: Iterable[str] = (),
+) -> None:
+    """Wrap every layer in ``weight_bits`` (node name → width or ``None``) and add activation nodes.
+
+    Layers in ``keep_float`` (node names) keep float weights, and the activation quantizers that
+    would feed only them, or sit right after them, are left out. Idempotent per layer.
+    """
+    gm = ir.gm
+    keep = set(keep_float)
+    for node in layer_nodes(ir):
+        if node.name in keep:
+            continue
+        _wrap(gm, node, weight_bits.get(node.name), per_channel)
+    if not act_quantizers(ir):
+        for site in activation_sites(ir):
+            users = list(site.node.users)
+            layer_users = {u.name for u in users}
+            if site.node.name in keep or (users and layer_users <= keep):
+                continue
+            name = _free_name(gm, f"{site.node.name}_aq")
+            gm.add_submodule(name, ActQuantizer(act_bits, signed=site.signed))
+            anchor = site.node
+            if anchor.op == "placeholder":
+                anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+            with gm.graph.inserting_after(anchor):
+                new = gm.graph.call_module(name, (site.node,))
+            site.node.replace_all_uses_with(new, delete_user_cb=_not(new))
+    gm.graph.lint()
+    gm.recompile()
+    ir.propagate()
+    update_meta(ir)
+
+
+def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
+    """A ``delete_user_cb`` that rewires every user except ``excluded`` (the new quantizer)."""
+    return lambda user: user is not excluded
+
+
+def set_bits(
+    ir: IR,
+    weight_bits: Mapping[str, int | None] | None = None,
+    act_bits: Mapping[str, int | None] | int | None = None,
+) -> None:
+    """Change widths in place: ``weight_bits`` by layer node name, ``act_bits`` by quantizer node
+    name (or one width for all). Names not given keep their width; ``None`` means float."""
+    wq = weight_quantizers(ir)
+    for name, bits in (weight_bits or {}).items():
+        if name not in wq:
+            raise KeyError(f"no quantized layer named '{name}'")
+        wq[name].set_group_bits([bits]) if bits is not None else _to_float(wq[name])
+    aq = act_quantizers(ir)
+    if isinstance(act_bits, int):
+        for module in aq.values():
+            module.bits = act_bits
+    elif act_bits is not None:
+        for name, bits in act_bits.items():
+            if name not in aq:
+                raise KeyError(f"no activation quantizer named '{name}'")
+            aq[name].bits = bits
+    update_meta(ir)
+
+
+def _to_float(module: WeightQuantizer) -> None:
+    module.bits, module.group_bits, module.bit_logits, module.frozen = None, None, None, False
+
+
+def input_quantizer(ir: IR, node: fx.Node) -> ActQuantizer | None:
+    """The activation quantizer feeding ``node``'s first input, looking through pass-through ops."""
+    current = node.all_input_nodes[0] if node.all_input_nodes else None
+    while current is not None:
+        module = _module(ir.gm, current)
+        if isinstance(module, ActQuantizer):
+            return module
+        if not is_pass_through(ir.gm, current) or not current.all_input_nodes:
+            return None
+        current = current.all_input_nodes[0]
+    return None
+
+
+def update_meta(ir: IR) -> None:
+    """Write the quantizers' widths into ``NodeMeta`` (layers: weight and input-activation bits)."""
+    for node in ir.gm.graph.nodes:
+        module = _module(ir.gm, node)
+        if isinstance(module, ActQuantizer):
+            ir.meta(node).act_bits = module.bits
+        elif isinstance(module, WeightQuantizer):
+            meta = ir.meta(node)
+            meta.weight_bits = module.bits
+            source = input_quantizer(ir, node)
+            meta.act_bits = source.bits if source is not None else None
+            if module.group_bits is not None:
+                meta.extra["weight_bits_per_group"] = list(module.group_bits)
+            else:
+                meta.extra.pop("weight_bits_per_group", None)
+            meta.extra["weight_size_bits"] = module.size_bits()
+
+
+def calibration_method(method: str, bits: int | None) -> str:
+    """``auto`` means KL below 5 bits (as HAQ) and min/max otherwise."""
+    if method != "auto":
+        return method
+    return "kl" if bits is not None and bits < 5 else "minmax"
+
+
+def calibrate(
+    ir: IR, batches: Iterable[torch.Tensor], method: str = "auto", percentile: float = 99.99
+) -> dict[str, float]:
+    """Run ``batches`` through the model in eval mode and set every activation scale.
+
+    Weights are quantized as set while observing, so each activation scale sees the values it
+    will see at inference. Returns quantizer name → threshold.
+    """
+    quantizers = act_quantizers(ir)
+    for q in quantizers.values():
+        q.start_observing()
+    was_training = ir.gm.training
+    ir.gm.eval()
+    device = ir.device
+    try:
+        with torch.no_grad():
+            for x in batches:
+                ir.gm(x.to(device))
+    finally:
+        ir.gm.train(was_training)
+    thresholds = {}
+    for name, q in quantizers.items():
+        thresholds[name] = q.calibrate(calibration_method(method, q.bits), percentile)
+    return thresholds
+
+
+def freeze(ir: IR) -> None:
+    """Snap every quantized weight onto its grid (the exported form) and refresh the metadata."""
+    for module in weight_quantizers(ir).values():
+        module.freeze()
+    update_meta(ir)
+
+
+def model_size_bits(ir: IR) -> int:
+    """Exact storage: quantized layers by :meth:`WeightQuantizer.size_bits`, every other weight at 32."""
+    total = 0
+    wrapped = weight_quantizers(ir)
+    inside: set[int] = set()
+    for module in wrapped.values():
+        total += module.size_bits()
+        inside.update(id(p) for p in module.layer.parameters())
+    arch = {id(p) for p in ir.arch_parameters()}
+    for param in ir.gm.parameters():
+        if id(param) not in inside and id(param) not in arch:
+            total += 32 * param.numel()
+    return total
+
+
+def bits_table(ir: IR) -> list[dict[str, Any]]:
+    """One row per layer: name, op, params, MACs, weight bits (per group if mixed), input act bits, KB."""
+    rows = []
+    for node in layer_nodes(ir):
+        module = _module(ir.gm, node)
+        meta = ir.meta(node)
+        layer = module.layer if isinstance(module, WeightQuantizer) else module
+        if isinstance(module, WeightQuantizer):
+            bits: Any = module.group_bits if module.group_bits is not None else module.bits
+            size_bits = module.size_bits()
+            source = input_quantizer(ir, node)
+            act = source.bits if source is not None else None
+        else:
+            bits, act = None, None
+            size_bits = 32 * sum(p.numel() for p in layer.parameters()) if layer is not None else 0
+        rows.append(
+            {
+                "layer": node.name,
+                "op": type(layer).__name__,
+                "params": meta.params,
+                "macs": meta.macs,
+                "weight_bits": bits if bits is not None else "float",
+                "act_bits": act if act is not None else "float",
+                "size_kb": round(size_bits / 8 / 1024, 3),
+            }
+        )
+    return rows

@@ -1,0 +1,317 @@
+"""Quantizer constructs: the graph nodes through which the ``quantize`` pass speaks to the IR.
+
+Two concrete :class:`ir.constructs.Quantizer` subclasses, both traced as leaf ``call_module``
+nodes:
+
+- :class:`ActQuantizer` sits after a node whose output it quantizes (per tensor; unsigned after
+  ReLU-like ops, signed otherwise). It observes values during calibration.
+- :class:`WeightQuantizer` *wraps* a Conv/Linear (the node keeps the layer's name and target, so
+  MAC counting, the layer table and the exporter still see one node per layer) and feeds the layer
+  a fake-quantized weight: symmetric, per output channel by default. For DFQ it holds
+  ``bit_logits`` α over candidate widths, per layer or per group of output channels, and uses the
+  softmax mixture ``Σ_j softmax(α)_j · Q_{b_j}(w)`` (Cheng et al. 2018, §3; the lecture's
+  ``q_i = Σ_j softmax(α_i)_j · B(q_ij)``).
+
+After :meth:`WeightQuantizer.freeze` the weight is stored on its quantization grid and the scales
+are buffers, which is the form exported to ONNX (8-bit QDQ, opset-21 INT4 QDQ for 4 bits, an
+8-bit container for other widths; see :mod:`quant.export`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ir.constructs import Quantizer
+from quant import fake_quant as fq
+
+#: Layers a :class:`WeightQuantizer` can wrap (weights with output channels on dim 0).
+WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class ActQuantizer(Quantizer):
+    """Per-tensor activation fake quantization at ``bits`` (``None``: identity).
+
+    ``signed`` picks symmetric codes around zero; otherwise the codes cover ``[0, t]``. The scale
+    is set by :meth:`calibrate` from values seen while ``observing`` is on (the forward is then the
+    identity). Scale, signedness and bits are kept in the module's extra state.
+    """
+
+    role = "activation"
+
+    def __init__(self, bits: int | None = 8, signed: bool = False, sample_cap: int = 16384) -> None:
+        super().__init__(None if bits is None else fq.check_bits(bits))
+        self.signed = signed
+        self.scale = 1.0
+        self.calibrated = False
+        self.observing = False
+        self.sample_cap = sample_cap
+        self.peak = 0.0
+        self._samples: list[torch.Tensor] = []
+
+    # -- calibration --------------------------------------------------------------------
+    def start_observing(self) -> None:
+        """Forget earlier observations and record what the following forwards see."""
+        self.observing = True
+        self.peak = 0.0
+        self._samples = []
+
+    def _observe(self, x: torch.Tensor) -> None:
+        flat = x.detach().flatten().float()
+        if not flat.numel():
+            return
+        mags = flat.abs() if self.signed else flat.clamp_min(0)
+        self.peak = max(self.peak, float(mags.max()))
+        step = max(1, -(-flat.numel() // self.sample_cap))
+        self._samples.append(flat[::step].cpu())
+
+    def observed(self) -> torch.Tensor:
+        """The (strided) sample of every value observed since :meth:`start_observing`."""
+        return torch.cat(self._samples) if self._samples else torch.zeros(0)
+
+    def calibrate(self, method: str = "minmax", percentile: float = 99.99) -> float:
+        """Stop observing and set the scale from the observed values; returns the threshold."""
+        from quant.calibrate import threshold
+
+        self.observing = False
+        if self.bits is None:
+            return 0.0
+        if method == "minmax":
+            t = self.peak  # exact, not from the subsample
+        else:
+            t = threshold(self.observed(), method, self.bits, self.signed, percentile)
+        self.set_threshold(t)
+        self._samples = []
+        return t
+
+    def set_threshold(self, t: float) -> None:
+        """Scale so that ``t`` is the largest positive grid point."""
+        assert self.bits is not None
+        self.scale = max(float(t), fq.EPS) / fq.positive_levels(self.bits, self.signed)
+        self.calibrated = True
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if self.bits is None:
+            return x
+        return fq.activation_fake_quant(x, self.scale, self.bits, self.signed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed, "scale": self.scale, "calibrated": self.calibrated}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bits, self.signed = state["bits"], state["signed"]
+        self.scale, self.calibrated = float(state["scale"]), bool(state["calibrated"])
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {kind}, scale={self.scale:.4g}"
+
+
+class WeightQuantizer(Quantizer):
+    """A Conv/Linear whose weight is fake-quantized before every use (symmetric, STE).
+
+    ``bits`` is the layer's width (``None``: float). ``group_bits`` (set by a per-group DFQ
+    search) gives one width per contiguous group of output channels; ``bits`` is then their
+    maximum. ``per_channel`` picks one scale per output channel (default) or one per tensor.
+    """
+
+    role = "weight"
+
+    def __init__(self, layer: nn.Module, bits: int | None = 8, per_channel: bool = True) -> None:
+        if not isinstance(layer, WRAPPABLE):
+            raise TypeError(f"cannot quantize the weights of {type(layer).__name__}")
+        super().__init__(None if bits is None else fq.check_bits(bits))
+        self.layer = layer
+        self.per_channel = per_channel
+        self.group_bits: list[int] | None = None
+        self.candidates: tuple[int, ...] = ()
+        self.bit_logits: nn.Parameter | None = None
+        self.frozen = False
+        self.register_buffer("scale", None)
+
+    # -- shapes ---------------------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return int(self.layer.weight.shape[0])
+
+    @property
+    def groups(self) -> int:
+        """How many channel groups carry their own width (1: the whole layer)."""
+        if self.bit_logits is not None:
+            return int(self.bit_logits.shape[0])
+        return len(self.group_bits) if self.group_bits is not None else 1
+
+    def channel_groups(self, groups: int) -> torch.Tensor:
+        """Group index of every output channel: ``groups`` contiguous, near-equal blocks."""
+        return torch.arange(self.out_channels, device=self.layer.weight.device) * groups // self.out_channels
+
+    def channel_bits(self) -> list[int] | None:
+        """The width of every output channel (``None`` when the layer is float)."""
+        if self.group_bits is not None:
+            index = self.channel_groups(len(self.group_bits)).tolist()
+            return [self.group_bits[g] for g in index]
+        return None if self.bits is None else [self.bits] * self.out_channels
+
+    # -- DFQ ------------------------------------------------------------------------------
+    def enable_search(self, candidates: tuple[int, ...], groups: int = 1) -> None:
+        """Add logits α (``groups × len(candidates)``, zeros: a uniform mixture) and search over them."""
+        if not candidates:
+            raise ValueError("a bit-width search needs at least one candidate")
+        for b in candidates:
+            fq.check_bits(b)
+        groups = max(1, min(int(groups), self.out_channels))
+        self.candidates = tuple(int(b) for b in candidates)
+        self.bit_logits = nn.Parameter(torch.zeros(groups, len(candidates), device=self.layer.weight.device))
+        self.group_bits = None
+        self.frozen = False
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(α) per group (``groups × candidates``)."""
+        assert self.bit_logits is not None
+        return torch.softmax(self.bit_logits, dim=-1)
+
+    def discretize(self) -> list[int]:
+        """Replace the logits by the argmax width of each group (Cheng et al. 2018, §3.3)."""
+        assert self.bit_logits is not None
+        chosen = [self.candidates[int(i)] for i in self.bit_logits.detach().argmax(dim=-1).tolist()]
+        self.set_group_bits(chosen)
+        return chosen
+
+    def set_group_bits(self, chosen: list[int]) -> None:
+        """Fix one width per group (a single entry: the whole layer); drops any logits."""
+        for b in chosen:
+            fq.check_bits(b)
+        self.bit_logits = None
+        self.candidates = ()
+        self.group_bits = list(chosen) if len(chosen) > 1 else None
+        self.bits = max(chosen)
+        self.frozen = False
+
+    # -- quantized weights ----------------------------------------------------------------
+    def _quantize_at(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        return fq.fake_quant_per_channel(w, fq.weight_scale(w, bits, self.per_channel), bits)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (differentiable in w by STE and in α)."""
+        w = self.layer.weight
+        if self.bit_logits is not None:
+            shape = [-1] + [1] * (w.dim() - 1)
+            per_channel = self.probabilities()[self.channel_groups(self.groups)]  # C × K
+            mixed = torch.zeros_like(w)
+            for k, b in enumerate(self.candidates):
+                mixed = mixed + per_channel[:, k].reshape(shape) * self._quantize_at(w, b)
+            return mixed
+        if self.bits is None:
+            return w
+        if self.frozen:
+            return self._export_form(w)
+        if self.group_bits is None:
+            return self._quantize_at(w, self.bits)
+        bits_per_channel = torch.tensor(self.channel_bits(), device=w.device)
+        shape = [-1] + [1] * (w.dim() - 1)
+        out = torch.zeros_like(w)
+        for b in sorted(set(self.group_bits)):
+            mask = (bits_per_channel == b).to(w.dtype).reshape(shape)
+            out = out + mask * self._quantize_at(w, b)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight()
+        return torch.func.functional_call(self.layer, {"weight": weight}, (x,))
+
+    # -- export form ----------------------------------------------------------------------
+    def frozen_scales(self) -> torch.Tensor:
+        """One scale per output channel for the current widths (from the current weight)."""
+        bits = self.channel_bits()
+        assert bits is not None
+        w = self.layer.weight.detach()
+        peak = (
+            w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().amax().expand(self.out_channels)
+        )
+        levels = torch.tensor([fq.positive_levels(b, True) for b in bits], dtype=w.dtype, device=w.device)
+        return (peak / levels).clamp_min(fq.EPS)
+
+    def freeze(self) -> None:
+        """Snap the weight onto its grid and keep the scales as buffers (the exported form).
+
+        Afterwards the forward is the same function of the input, but written as one 8-bit QDQ
+        (or an INT4 QDQ when every channel is 4-bit) on a constant, which exports cleanly.
+        """
+        if self.bit_logits is not None:
+            raise ValueError("discretize the bit-width search before freezing")
+        if self.bits is None:
+            self.frozen = False
+            return
+        with torch.no_grad():
+            snapped = self.quantized_weight().detach().clone()
+            self.layer.weight.copy_(snapped)
+            self.scale = self.frozen_scales()
+        self.frozen = True
+
+    def uses_int4(self) -> bool:
+        """Whether the exported form is an opset-21 INT4 QDQ (every channel 4-bit)."""
+        return self.frozen and self.bits == 4 and self.group_bits is None
+
+    def _export_form(self, w: torch.Tensor) -> torch.Tensor:
+        assert self.scale is not None
+        if self.uses_int4():
+            from quant.onnx_int4 import fake_quant_int4
+
+            return fake_quant_int4(w, self.scale, 0)
+        # 8 bits, or narrower codes held in the int8 container: |code| <= 2^(b-1) <= 128.
+        return fq.fake_quant_per_channel(w, self.scale, 8)
+
+    # -- size -------------------------------------------------------------------------------
+    def weight_numel_per_channel(self) -> int:
+        return int(self.layer.weight[0].numel())
+
+    def size_bits(self) -> int:
+        """Storage of the layer: each weight at its width, bias and per-channel scales at 32 bits."""
+        bias = getattr(self.layer, "bias", None)
+        extra = 32 * (bias.numel() if bias is not None else 0)
+        bits = self.channel_bits()
+        if bits is None:
+            return 32 * int(self.layer.weight.numel()) + extra
+        scales = 32 * (self.out_channels if self.per_channel else 1)
+        return self.weight_numel_per_channel() * sum(bits) + extra + scales
+
+    def expected_size_bits(self) -> torch.Tensor:
+        """DFQ's G for this layer: ``Σ_c n_c Σ_j softmax(α_{g(c)})_j b_j`` plus the fixed part.
+
+        Differentiable in α; equals :meth:`size_bits` once the softmax is one-hot.
+        """
+        bias = getattr(self.layer, "bias", None)
+        fixed = 32.0 * (bias.numel() if bias is not None else 0) + 32.0 * (
+            self.out_channels if self.per_channel else 1
+        )
+        if self.bit_logits is None:
+            return torch.tensor(float(self.size_bits()))
+        widths = torch.tensor(self.candidates, dtype=torch.float32, device=self.bit_logits.device)
+        expected_per_group = self.probabilities() @ widths  # G
+        channels_per_group = torch.bincount(self.channel_groups(self.groups), minlength=self.groups).float()
+        n = float(self.weight_numel_per_channel())
+        return n * (channels_per_group * expected_per_group).sum() + fixed
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "group_bits": self.group_bits,
+            "per_channel": self.per_channel,
+            "frozen": self.frozen,
+            "candidates": self.candidates,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bits, self.group_bits = state["bits"], state["group_bits"]
+        self.per_channel, self.frozen = state["per_channel"], state["frozen"]
+        self.candidates = tuple(state["candidates"])
+
+    def extra_repr(self) -> str:
+        bits = self.group_bits if self.group_bits is not None else self.bits
+        return f"bits={bits}, per_channel={self.per_channel}, frozen={self.frozen}"

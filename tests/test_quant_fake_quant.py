@@ -1,0 +1,93 @@
+"""Fake quantization against a NumPy reference at every width, and its straight-through gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from quant import fake_quant as fq
+from quant.modules import ActQuantizer, WeightQuantizer
+
+BITS = list(range(2, 9))
+
+
+def np_fake_quant(x: np.ndarray, scale: np.ndarray | float, qmin: int, qmax: int, zp: int = 0) -> np.ndarray:
+    """Reference: q = clip(round_half_even(x / s) + z, qmin, qmax); x̂ = (q − z) s."""
+    q = np.clip(np.round(x / scale) + zp, qmin, qmax)
+    return (q - zp) * scale
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_weight_per_channel_matches_numpy(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(w).reshape(6, -1).max(axis=1) / qmax
+    expected = np_fake_quant(w, scale[:, None, None, None], -(2 ** (bits - 1)), qmax)
+    got = fq.fake_quant_per_channel(torch.from_numpy(w), fq.weight_scale(torch.from_numpy(w), bits), bits)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    # at most 2^b distinct levels per channel
+    for c in range(6):
+        assert len(np.unique(np.round(got.numpy()[c] / scale[c]))) <= 2**bits
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_activation_container_matches_numpy(bits: int, signed: bool) -> None:
+    rng = np.random.default_rng(100 + bits)
+    x = (rng.normal(size=(4, 5, 7)) * 2).astype(np.float32)
+    scale = 0.037
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    expected = np_fake_quant(x, scale, lo, hi)  # the b-bit quantizer, zero point 0
+    got = fq.activation_fake_quant(torch.from_numpy(x), scale, bits, signed)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    assert len(np.unique(np.round(got.numpy() / scale))) <= 2**bits
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ste_gradient_is_identity_inside_the_clip_range(bits: int) -> None:
+    scale = 0.1
+    reach = 1.5 * 2 ** (bits - 1) * scale  # half again beyond the clip range on both sides
+    x = torch.linspace(-reach, reach, 301, dtype=torch.float32, requires_grad=True)
+    upstream = torch.randn(301, generator=torch.Generator().manual_seed(0))
+    fq.activation_fake_quant(x, scale, bits, signed=True).backward(upstream)
+    # autograd of the identity gives `upstream`; the STE passes it inside the range, zero outside
+    ident = x.detach().clone().requires_grad_(True)
+    ident.backward(upstream)
+    lo, hi = -(2 ** (bits - 1)) * scale, (2 ** (bits - 1) - 1) * scale
+    inside = (x.detach() > lo + 1e-6) & (x.detach() < hi - 1e-6)
+    outside = (x.detach() < lo - 1e-6) | (x.detach() > hi + 1e-6)
+    assert torch.equal(x.grad[inside], ident.grad[inside])
+    assert torch.all(x.grad[outside] == 0)
+    assert inside.any() and outside.any()
+
+
+def test_weight_quantizer_gradient_reaches_weights_by_ste() -> None:
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    wq = WeightQuantizer(conv, bits=4)
+    x = torch.randn(2, 2, 5, 5)
+    wq(x).sum().backward()
+    # reference: the same conv with the quantized weight treated as w (identity STE)
+    w_ref = wq.quantized_weight().detach().requires_grad_(True)
+    torch.nn.functional.conv2d(x, w_ref).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w_ref.grad)
+
+
+def test_act_quantizer_observes_then_quantizes() -> None:
+    q = ActQuantizer(bits=8, signed=False)
+    q.start_observing()
+    x = torch.rand(4, 10) * 3
+    assert torch.equal(q(x), x)  # identity while observing
+    t = q.calibrate("minmax")
+    assert t == pytest.approx(float(x.max()))
+    assert q.scale == pytest.approx(float(x.max()) / 255)
+    expected = np_fake_quant(x.numpy(), q.scale, 0, 255)
+    np.testing.assert_allclose(q(x).numpy(), expected, atol=1e-6)
+
+
+def test_bad_bits_are_refused() -> None:
+    for bits in (1, 9, 16):
+        with pytest.raises(ValueError):
+            fq.quant_range(bits, True)
