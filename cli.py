@@ -36,6 +36,7 @@ CONFIG_KEYS = {
     "out": "--out",
     "input_shape": "--input-shape",
     "val_fraction": "--val-fraction",
+    "data_limit": "--data-limit",
     "plugins": "--plugin",
 }
 
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "out": "out",
     "input_shape": None,
     "val_fraction": 0.1,
+    "data_limit": None,
     "plugins": [],
 }
 
@@ -115,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="digits (default), npz:PATH, cifar10:DIR, mnist:DIR, or none"
     )
     opt.add_argument("--val-fraction", type=float, default=None, help="share of training data held out (0.1)")
+    opt.add_argument(
+        "--data-limit",
+        type=int,
+        default=None,
+        help="use only the first N training and N test images (quick runs)",
+    )
     opt.add_argument("--epochs", type=int, default=None, help="training epochs for passes that train (3)")
     opt.add_argument("--batch-size", type=int, default=None, help="training batch size (64)")
     opt.add_argument("--lr", type=float, default=None, help="learning rate for passes that train (0.05)")
@@ -147,18 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def parse_shape(text: str) -> tuple[int, ...]:
-    from ir.errors import BadInputError
-
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise BadInputError(f"bad --input-shape {text!r}: expected integers like 1,3,32,32") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise BadInputError(f"bad --input-shape {text!r}: expected positive integers like 1,3,32,32")
-    return shape
-
-
 def parse_key_values(items: Sequence[str], flag: str) -> dict[str, str]:
     from ir.errors import BadInputError
 
@@ -289,7 +285,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     import torch
 
     from ir.errors import BadInputError
-    from ir.load import load_ir
+    from ir.load import load_ir, parse_shape
     from passes.base import Context, TrainSettings
     from passes.outputs import OutputFolder
     from passes.pipeline import Pipeline
@@ -317,7 +313,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if data_spec is not None:
         from training.data import load_data
 
-        data = load_data(data_spec, seed=settings["seed"], val_fraction=float(settings["val_fraction"]))
+        data = load_data(
+            data_spec,
+            seed=settings["seed"],
+            val_fraction=float(settings["val_fraction"]),
+            limit=settings["data_limit"],
+        )
     input_shape = parse_shape(settings["input_shape"]) if settings["input_shape"] else None
     if input_shape is None and data is not None:
         input_shape = (1, *data.input_shape)
@@ -365,7 +366,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ir.load import load_ir
+    from ir.load import load_ir, parse_shape
     from passes.report import _fmt_count
 
     input_shape = parse_shape(args.input_shape) if args.input_shape else None

@@ -30,3 +30,14 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_reports_get_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "{}")
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert stat.S_IMODE(os.stat(target).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
