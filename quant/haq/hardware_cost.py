@@ -1,0 +1,128 @@
+"""Cost tables for HAQ from the IR: exact size and BitOps counts, and per-layer latency look-ups.
+
+Latency comes from the hardware target (HAQ's "hardware in the loop", §3.3): every searched
+layer is described by the signature of the kernel it runs as (conv → BatchNorm → activation,
+:mod:`hardware.layers`), and the target's latency table answers for that signature at any
+(weight bits, activation bits). Groups the search does not touch (adds, pools, reshapes)
+are a fixed part of the cost, taken at 8-bit activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from torch import fx, nn
+
+from ir.graph import IR
+from quant.haq.actions import BitLevels, Bits
+from quant.haq.cost import CostModel, bitops_cost, latency_cost, size_cost
+from quant.haq.state import LayerInfo
+
+
+class LatencySource(Protocol):
+    """What HAQ needs of a latency table (:class:`hardware.latency_table.LatencyTable`)."""
+
+    def lookup(self, sig: Any, module: nn.Module | None = None, save: bool = True) -> float: ...
+
+    def overhead_ms(self) -> float: ...
+
+
+def size_model(ir: IR, layers: Sequence[LayerInfo], levels: BitLevels) -> CostModel:
+    """Bytes: searched layers' weights at their bits, every other parameter in float32."""
+    searched = sum(layer.params for layer in layers)
+    return size_cost(
+        [layer.params for layer in layers], levels, other_params=max(ir.param_count() - searched, 0)
+    )
+
+
+def bitops_model(layers: Sequence[LayerInfo], levels: BitLevels) -> CostModel:
+    return bitops_cost([layer.macs for layer in layers], levels)
+
+
+def latency_model(
+    float_ir: IR,
+    layer_names: Sequence[str],
+    levels: BitLevels,
+    table: LatencySource,
+    canonical: Callable[[Any], Any] | None = None,
+    other_act_bits: Bits = 8,
+) -> CostModel:
+    """Per-layer latency from ``table`` on the float IR's kernel groups (HAQ §3.3, "hardware in the loop").
+
+    ``layer_names`` are the searched Conv/Linear node names of ``float_ir`` (a quantizer-free
+    IR with the same node names). A whole model pays the runtime's per-call overhead ``o``
+    once while each single-layer measurement includes it, so (as in
+    :func:`hardware.latency_table.predict_model`) a layer costs ``max(t − o, 0)`` and the
+    fixed part is ``o`` plus every other group at ``other_act_bits``. ``canonical`` maps a
+    signature to the one the target actually measures (on ort-cpu every non-int8 pair runs
+    the float kernel), so equivalent pairs share one table entry.
+    """
+    from hardware.layers import layer_groups
+
+    canon = canonical or (lambda sig: sig)
+    overhead = float(table.overhead_ms())
+    groups = layer_groups(float_ir)
+    by_main: dict[str, Any] = {}
+    fixed = overhead
+    wanted = set(layer_names)
+    for group in groups:
+        if group.signature is None:
+            continue
+        if group.main.name in wanted:
+            by_main[group.main.name] = group.signature
+        else:
+            sig = canon(group.signature.with_bits(None, other_act_bits))
+            fixed += max(float(table.lookup(sig, group.module, save=False)) - overhead, 0.0)
+    missing = [n for n in layer_names if n not in by_main]
+    if missing:
+        raise ValueError(f"no latency signature for layer(s) {', '.join(missing)}")
+
+    def layer_latency(i: int, w: Bits, a: Bits) -> float:
+        sig = canon(by_main[layer_names[i]].with_bits(w, a))
+        return max(float(table.lookup(sig, None, save=False)) - overhead, 0.0)
+
+    model = latency_cost(len(layer_names), levels, layer_latency, fixed_ms=fixed)
+    save = getattr(table, "_save", None)
+    if callable(save):
+        save()
+    return model
+
+
+def ort_cpu_canonical(sig: Any) -> Any:
+    """On ort-cpu a layer runs an integer kernel only at 8-bit weights and activations
+    (:func:`hardware.single_layer.is_int8`); every other pair runs the float kernel."""
+    from hardware.single_layer import is_int8
+
+    return sig if is_int8(sig) else sig.with_bits(None, None)
+
+
+def undominated_levels(model: CostModel, levels: BitLevels) -> BitLevels:
+    """Raise ``b_min`` past integer levels that a higher level matches or beats on every layer.
+
+    "The measured tables decide what bits are worth" (issue 5): on ort-cpu a sub-8-bit layer
+    runs the float kernel, so a higher level (float, or int8) is never slower and is more
+    accurate; such a level is dropped from the action space instead of misleading the
+    enforcement walk, which assumes that lower bits are cheaper.
+    """
+    b_min = levels.b_min
+    while b_min < levels.b_max:
+        higher = [b for b in levels.levels if b is None or b > b_min]
+        dominated = all(any(row[(h, h)] <= row[(b_min, b_min)] for h in higher) for row in model.table)
+        if not dominated:
+            break
+        b_min += 1
+    if b_min == levels.b_min:
+        return levels
+    kept = BitLevels(b_min, levels.b_max, levels.with_float)
+    model.table = [
+        {k: v for k, v in row.items() if k[0] in kept.levels and k[1] in kept.levels} for row in model.table
+    ]
+    return kept
+
+
+def layer_input_shape(ir: IR, node: fx.Node) -> tuple[int, ...]:
+    """Shape of the first tensor input of ``node`` (with batch), from the IR's metadata."""
+    first = node.all_input_nodes[0]
+    shape = ir.meta(first).shape
+    return tuple(shape) if shape is not None else ()

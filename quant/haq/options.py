@@ -1,0 +1,46 @@
+"""The ``quantize`` pass's options for ``method=haq``, with the official HAQ code's defaults.
+
+The quantize pass's ``Options`` inherits these fields, so they are set as
+``--set quantize.episodes=30`` and listed by ``cli.py passes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from passes.options import option
+
+
+@dataclass
+class HaqOptions:
+    """HAQ's knobs (Wang et al., CVPR 2019; defaults of mit-han-lab/haq's ``rl_quantize.py``)."""
+
+    episodes: int = option(600, "haq: search episodes (official default 600; 20 of them are random warm-up)")
+    latency_ratio: float | None = option(
+        None, "haq: latency budget as a ratio of the uniform 8-bit model's latency on --target"
+    )
+    size_ratio: float | None = option(
+        None, "haq: model-size budget as a ratio of the uniform 8-bit model's size"
+    )
+    bitops_ratio: float | None = option(
+        None, "haq: BitOps budget as a ratio of the uniform 8-bit model's BitOps"
+    )
+    haq_min_bits: int = option(2, "haq: lowest bit-width an action can pick (b_min)")
+    haq_max_bits: int = option(
+        8, "haq: highest integer bit-width (b_max); on ort-cpu latency 'float' sits above it"
+    )
+    haq_warmup: int = option(20, "haq: episodes of uniform random actions before the agent acts")
+    haq_hidden: str = option("300,300", "haq: actor/critic hidden sizes (the paper's 400,300 also works)")
+    haq_search_samples: int = option(
+        2000, "haq: training images in the search subset each episode fine-tunes on (0: all)"
+    )
+    haq_search_epochs: int = option(1, "haq: fine-tune passes over the search subset per episode (0: none)")
+    haq_search_lr: float = option(1e-3, "haq: fine-tune learning rate during the search (SGD, momentum 0.9)")
+    haq_final_epochs: int = option(
+        -1, "haq: epochs fine-tuning the best policy on the whole train split (-1: --epochs)"
+    )
+    haq_final_lr: float = option(1e-3, "haq: learning rate of that final fine-tune")
+    haq_latency_margin: float = option(
+        0.0,
+        "haq: search for a latency budget this fraction tighter than asked (headroom for measurement noise)",
+    )

@@ -1,0 +1,336 @@
+"""``quantize.method=haq``: search a mixed-precision policy with HAQ, then fine-tune and freeze it.
+
+The steps (Wang et al., CVPR 2019, §3): put 8-bit quantizers on every Conv/Linear and their
+inputs (:mod:`quant.insert`), build the per-layer state and the cost table of the chosen
+resource on ``ctx.target`` (latency from the target's latency table, size, or BitOps), turn
+``--budget`` or a ``*_ratio`` option into a limit, run the DDPG search (each episode: act,
+enforce, quantize, fine-tune on a training subset, reward on the validation split), then
+set the best policy, fine-tune it on the whole training split and freeze the weights for
+export. The ``haq`` section of ``report.json`` holds the policy, its cost against the
+budget, the timing split and the paths of the learning curve (JSON and PNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from ir.errors import BadInputError, BudgetError
+from ir.graph import IR
+from passes.base import Context, TrainSettings
+from quant.haq.actions import BitLevels, Bits
+from quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
+from quant.haq.ddpg import DDPGConfig
+from quant.haq.env import EnvSettings, QuantizeEnv
+from quant.haq.hardware_cost import (
+    LatencySource,
+    bitops_model,
+    latency_model,
+    layer_input_shape,
+    ort_cpu_canonical,
+    undominated_levels,
+)
+from quant.haq.options import HaqOptions
+from quant.haq.search import EpisodeRecord, SearchResult, haq_search, plot_curve, write_curve_json
+from quant.haq.state import LayerInfo, StateSpace, describe_layer
+from quant.insert import calibrate, freeze, insert_quantizers, layer_nodes
+from quant.modules import WeightQuantizer
+from training.loop import evaluate, train_model
+
+log = logging.getLogger(__name__)
+
+#: Targets whose fastest kernel is int8: lower bits buy nothing there, float is offered instead.
+INT8_FASTEST_TARGETS = ("ort-cpu",)
+CURVE_JSON = "haq_curve.json"
+CURVE_PNG = "haq_curve.png"
+
+
+def choose_metric(opts: HaqOptions, budget: Any) -> tuple[str, float | None, float | None]:
+    """(metric, absolute limit, ratio) from the ratio options or ``--budget``; exactly one is used."""
+    ratios = {
+        "latency": opts.latency_ratio,
+        "size": opts.size_ratio,
+        "bitops": opts.bitops_ratio,
+    }
+    given = {k: v for k, v in ratios.items() if v is not None}
+    if len(given) > 1:
+        raise BadInputError(
+            f"HAQ constrains one resource: set only one of {', '.join(f'quantize.{k}_ratio' for k in given)}"
+        )
+    if given:
+        metric, ratio = next(iter(given.items()))
+        return metric, None, ratio
+    limits = budget.limits() if budget is not None and hasattr(budget, "limits") else {}
+    for metric in ("latency", "size", "bitops"):
+        if metric in limits:
+            return metric, float(limits[metric]), None
+    raise BadInputError(
+        "quantize.method=haq needs a resource budget: --budget latency=...|size=...|bitops=..., "
+        "or quantize.latency_ratio / size_ratio / bitops_ratio"
+    )
+
+
+def layer_infos(ir: IR) -> list[LayerInfo]:
+    """State descriptions of the searched layers of a quantizer-equipped IR."""
+    infos = []
+    for node in layer_nodes(ir):
+        module = ir.gm.get_submodule(str(node.target))
+        inner = module.layer if isinstance(module, WeightQuantizer) else module
+        infos.append(describe_layer(node.name, inner, layer_input_shape(ir, node), ir.meta(node).macs))
+    return infos
+
+
+def kernel_numels(ir: IR) -> list[int]:
+    out = []
+    for node in layer_nodes(ir):
+        module = ir.gm.get_submodule(str(node.target))
+        inner = module.layer if isinstance(module, WeightQuantizer) else module
+        weight = inner.weight
+        assert isinstance(weight, torch.Tensor)
+        out.append(int(weight.numel()))
+    return out
+
+
+def default_latency_table(target: str, threads: int) -> LatencySource:
+    """The target's per-layer latency table, cached on disk (:mod:`hardware.latency_table`)."""
+    from hardware.latency_table import LatencyTable
+    from hardware.targets import get_target
+
+    return LatencyTable(get_target(target, threads))
+
+
+def build_cost(
+    metric: str,
+    float_ir: IR,
+    q_ir: IR,
+    infos: list[LayerInfo],
+    levels: BitLevels,
+    ctx: Context,
+    table: LatencySource | None = None,
+) -> tuple[CostModel, BitLevels]:
+    """The cost table of ``metric`` and the action levels (latency may drop dominated levels)."""
+    if metric == "size":
+        numels = kernel_numels(q_ir)
+        return size_cost(numels, levels, other_params=max(float_ir.param_count() - sum(numels), 0)), levels
+    if metric == "bitops":
+        return bitops_model(infos, levels), levels
+    table = table or default_latency_table(ctx.target, ctx.threads)
+    canonical = ort_cpu_canonical if ctx.target == "ort-cpu" else None
+    model = latency_model(float_ir, [i.name for i in infos], levels, table, canonical)
+    return model, undominated_levels(model, levels)
+
+
+def _hidden(text: str) -> tuple[int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2 or min(parts) < 1:
+        raise BadInputError(f"quantize.haq_hidden must be two positive sizes such as 300,300, got {text!r}")
+    return parts[0], parts[1]
+
+
+def search_subset(ctx: Context, samples: int) -> Subset[Any] | Any:
+    assert ctx.data is not None
+    train = ctx.data.train
+    n = len(train)
+    if samples <= 0 or samples >= n:
+        return train
+    order = torch.randperm(n, generator=ctx.generator("haq-subset"))[:samples].sort().values
+    return Subset(train, order.tolist())
+
+
+def run_haq(
+    ir: IR,
+    ctx: Context,
+    opts: HaqOptions,
+    latency_table: LatencySource | None = None,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> IR:
+    """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
+    if ctx.data is None:
+        raise BadInputError("quantize.method=haq needs data (--data) to fine-tune and measure accuracy")
+    if opts.episodes < 1:
+        raise BadInputError(f"quantize.episodes must be at least 1, got {opts.episodes}")
+    metric, absolute, ratio = choose_metric(opts, ctx.budget)
+    with_float = metric == "latency" and ctx.target in INT8_FASTEST_TARGETS
+    try:
+        levels = BitLevels(opts.haq_min_bits, opts.haq_max_bits, with_float=with_float)
+    except ValueError as exc:
+        raise BadInputError(f"quantize.haq_min_bits/haq_max_bits: {exc}") from exc
+    if not 2 <= opts.haq_min_bits <= opts.haq_max_bits <= 8:
+        raise BadInputError("quantize.haq_min_bits and haq_max_bits must satisfy 2 <= min <= max <= 8")
+
+    if metric == "latency" and ratio is not None and ratio < 1.0 and ctx.target in INT8_FASTEST_TARGETS:
+        raise BudgetError(
+            f"HAQ: latency_ratio={ratio:g} is infeasible on {ctx.target}: int8 is its fastest kernel and lower "
+            "bits are not faster, so no policy beats uniform 8-bit (use a ratio >= 1, or --target bitserial)"
+        )
+    float_ir = ir.clone()
+    _fold_batchnorms(float_ir)  # integer kernels run conv+BN as one conv: search what will be exported
+    q_ir = float_ir.clone()
+    insert_quantizers(q_ir, {n.name: 8 for n in layer_nodes(q_ir)}, act_bits=8)
+    layers = layer_nodes(q_ir)
+    infos = layer_infos(q_ir)
+    states = StateSpace(infos, two_steps=metric != "size")
+    cost, levels = build_cost(metric, float_ir, q_ir, infos, levels, ctx, latency_table)
+    int8_fastest = ctx.target in INT8_FASTEST_TARGETS
+    if absolute is not None and metric == "latency" and opts.haq_latency_margin > 0:
+        absolute = absolute * (1.0 - opts.haq_latency_margin)
+    budget = resolve_budget(
+        cost, levels, ctx.target, absolute=absolute, ratio=ratio, int8_is_fastest=int8_fastest
+    )
+
+    settings = EnvSettings(
+        finetune_epochs=opts.haq_search_epochs,
+        finetune_lr=opts.haq_search_lr,
+        batch_size=ctx.train.batch_size,
+    )
+    env = QuantizeEnv(
+        q_ir,
+        layers,
+        search_subset(ctx, opts.haq_search_samples),
+        ctx.data.val,
+        settings,
+        ctx.device,
+        ctx.seed,
+    )
+    original = evaluate(float_ir.gm, ctx.data.val, 256, ctx.device)[1]
+    config = DDPGConfig(hidden=_hidden(opts.haq_hidden), warmup=opts.haq_warmup)
+    ctx.logger.info(
+        "haq: %d layers, %s budget %.4g%s (%s), %d episodes",
+        len(infos),
+        metric,
+        budget.limit,
+        cost.unit,
+        budget.source,
+        opts.episodes,
+    )
+    fixed_act: Bits = 8
+    result = haq_search(
+        states,
+        levels,
+        cost,
+        budget,
+        env,
+        original,
+        opts.episodes,
+        config,
+        seed=ctx.seed,
+        fixed_act_bits=fixed_act,
+        on_episode=on_episode or _progress(ctx, opts.episodes),
+    )
+
+    # the best policy, fine-tuned on the whole training split, then frozen for export
+    env.prepare(result.best_policy)
+    final_epochs = ctx.train.epochs if opts.haq_final_epochs < 0 else opts.haq_final_epochs
+    if final_epochs > 0:
+        train_model(
+            q_ir.gm,
+            ctx.data.train,
+            TrainSettings(
+                epochs=final_epochs,
+                batch_size=ctx.train.batch_size,
+                lr=opts.haq_final_lr,
+                progress=ctx.train.progress,
+            ),
+            ctx.device,
+            ctx.generator("haq-final"),
+            desc="haq final fine-tune",
+        )
+        calibrate(q_ir, env.calibration_batches())
+    final_val = evaluate(q_ir.gm, ctx.data.val, 256, ctx.device)[1]
+    freeze(q_ir)  # weights onto their grids, scales as buffers; also refreshes the bits metadata
+
+    curve_json = ctx.stage(CURVE_JSON)
+    write_curve_json(result, curve_json)
+    curve_png = ctx.stage(CURVE_PNG)
+    plot_curve(result, curve_png, title=f"HAQ on {ctx.target}: {metric} budget {budget.limit:.4g}{cost.unit}")
+    ctx.section("haq", haq_section(result, cost, budget, ctx, levels, final_val))
+    ctx.record(
+        method="haq",
+        episodes=opts.episodes,
+        metric=metric,
+        budget=round(budget.limit, 6),
+        cost=round(result.best_cost, 6),
+        val_acc_best=round(result.best_accuracy, 4),
+        val_acc_final=round(final_val, 4),
+    )
+    if result.best_cost > budget.limit * (1 + 1e-9):
+        raise BudgetError(
+            f"HAQ: the best policy costs {result.best_cost:.4g}{cost.unit}, over the budget {budget.limit:.4g}{cost.unit}"
+        )
+    return q_ir
+
+
+def _fold_batchnorms(ir: IR) -> None:
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ir.gm.modules()):
+        return
+    from passes.fold_bn import fold_batchnorms
+
+    fold_batchnorms(ir)
+    ir.gm.recompile()
+    ir.propagate()
+
+
+def _bits_text(bits: Bits) -> str | int:
+    return "float" if bits is None else bits
+
+
+def haq_section(
+    result: SearchResult,
+    cost: CostModel,
+    budget: BudgetSpec,
+    ctx: Context,
+    levels: BitLevels,
+    final_val: float,
+) -> dict[str, Any]:
+    """The ``haq`` block of ``report.json``."""
+    per_layer = cost.per_layer(result.best_policy)
+    return {
+        "target": ctx.target,
+        "metric": budget.metric,
+        "unit": cost.unit.strip(),
+        "budget": budget.as_dict(),
+        "cost": result.best_cost,
+        "cost_ratio_of_8bit": result.best_cost / budget.reference_8bit if budget.reference_8bit else None,
+        "meets_budget": result.best_cost <= budget.limit * (1 + 1e-9),
+        "levels": [_bits_text(b) for b in levels.levels],
+        "policy": [
+            {"layer": name, "weight_bits": _bits_text(w), "act_bits": _bits_text(a), "cost": c}
+            for name, (w, a), c in zip(result.layer_names, result.best_policy, per_layer, strict=True)
+        ],
+        "best_episode": result.best_episode,
+        "episodes": len(result.curve),
+        "reward": result.best_reward,
+        "val_accuracy_float": result.original_accuracy,
+        "val_accuracy_best_episode": result.best_accuracy,
+        "val_accuracy_final": final_val,
+        "timing_per_episode_s": {k: round(v, 4) for k, v in result.timing().items()},
+        "cost_lookups": cost.lookups,
+        "learning_curve": CURVE_JSON,
+        "learning_curve_plot": CURVE_PNG,
+    }
+
+
+def _progress(ctx: Context, episodes: int) -> Callable[[EpisodeRecord], None]:
+    every = max(1, episodes // 20)
+
+    def report(record: EpisodeRecord) -> None:
+        if record.episode % every == 0 or record.episode == episodes - 1:
+            ctx.logger.info(
+                "haq episode %d/%d: reward %.4f acc %.4f cost %.4g%s",
+                record.episode + 1,
+                episodes,
+                record.reward,
+                record.accuracy,
+                record.cost,
+                "" if math.isfinite(record.cost) else "?",
+            )
+
+    return report
