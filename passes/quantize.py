@@ -25,14 +25,16 @@ from passes.base import Context, Pass, TrainSettings
 from passes.options import option
 from quant import dfq
 from quant import insert as qi
+from quant.haq.options import HaqOptions
 from quant.modules import WeightQuantizer
 
 
 @dataclass
-class QuantizeOptions:
-    method: Literal["uniform", "dfq"] = option(
+class QuantizeOptions(HaqOptions):
+    method: Literal["uniform", "dfq", "haq"] = option(
         "uniform",
-        "uniform: every layer at `bits`; dfq: differentiable search over `candidates` (Cheng et al. 2018)",
+        "uniform: every layer at `bits`; dfq: differentiable search over `candidates` (Cheng et al. 2018); "
+        "haq: RL search under a hardware budget (Wang et al. 2019; options episodes, *_ratio, haq_*)",
     )
     bits: int = option(8, "weight bit-width (2..8) of the uniform method")
     act_bits: int = option(8, "activation bit-width (2..8); sub-8-bit activations buy no speed on ORT CPU")
@@ -91,6 +93,10 @@ class Quantize(Pass):
 
     def run(self, ir: IR, ctx: Context) -> IR:
         opts: QuantizeOptions = self.options
+        if opts.method == "haq":
+            from quant.haq.run import run_haq
+
+            return run_haq(ir, ctx, opts)
         if opts.method == "dfq" and ctx.data is None:
             raise BadInputError(
                 "quantize.method=dfq needs data (--data): it searches on the validation split"
