@@ -23,12 +23,30 @@ from ir.constructs import Quantizer
 from ir.graph import IR
 
 #: Modules and functions that cost nothing at inference (removed or folded by the exporter).
-_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, Quantizer)
+_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 _RELU_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.relu_}
 _ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous"}
+
+
+def compute_module(module: nn.Module) -> nn.Module:
+    """The layer that does the work: a weight quantizer's wrapped Conv/Linear, else ``module``."""
+    inner = getattr(module, "layer", None) if isinstance(module, Quantizer) else None
+    return inner if isinstance(inner, nn.Conv2d | nn.Linear) else module
+
+
+def is_free_module(module: nn.Module) -> bool:
+    """Costs nothing at inference: identity, dropout, or an activation quantizer (its Q/DQ pair
+    fuses into the neighbouring integer kernels)."""
+    if isinstance(module, _FREE_MODULES):
+        return True
+    return isinstance(module, Quantizer) and compute_module(module) is module
+
+
+def _module_at(ir: IR, node: fx.Node) -> nn.Module:
+    return compute_module(ir.gm.get_submodule(str(node.target)))
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class LayerSignature:
         bits = (
             "fp32"
             if self.weight_bits is None and self.act_bits is None
-            else f"w{self.weight_bits}a{self.act_bits}"
+            else f"w{self.weight_bits or 'fp'}a{self.act_bits or 'fp'}"
         )
         act = f"+{self.act}" if self.act else ""
         shape = "x".join(map(str, self.in_shape))
@@ -101,7 +119,11 @@ def _shape(ir: IR, node: Any) -> tuple[int, ...] | None:
 
 
 def _skip_free(ir: IR, node: fx.Node) -> fx.Node:
-    """Follow single-user chains through cost-free nodes (quantizers, identity, dropout)."""
+    """Follow single-user chains through nodes the exporter erases (identity, dropout).
+
+    Quantizers are not skipped: a Q/DQ pair between a conv and its BatchNorm or activation
+    stops ONNX Runtime from fusing them, so they are separate kernels.
+    """
     while len(node.users) == 1:
         user = next(iter(node.users))
         if user.op == "call_module" and isinstance(ir.gm.get_submodule(str(user.target)), _FREE_MODULES):
@@ -139,7 +161,7 @@ def _next_single(ir: IR, node: fx.Node) -> fx.Node | None:
 
 def _is_free(ir: IR, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(ir.gm.get_submodule(str(node.target)), _FREE_MODULES)
+        return is_free_module(ir.gm.get_submodule(str(node.target)))
     if node.op == "call_function" and node.target is operator.getitem:
         return True
     return node.op == "call_method" and node.target == "contiguous"
@@ -149,6 +171,14 @@ def _bits(ir: IR, nodes: list[fx.Node]) -> tuple[int | None, int | None]:
     """Weight bits of the main node; activation bits of the first node in the group that sets them."""
     wbits = ir.meta(nodes[0]).weight_bits
     abits = next((ir.meta(n).act_bits for n in nodes if ir.meta(n).act_bits is not None), None)
+    if abits is None:  # e.g. a residual add: quantized when every input comes from a quantizer
+        sources = [
+            ir.meta(a).act_bits
+            for a in nodes[0].all_input_nodes
+            if a.op == "call_module" and isinstance(ir.gm.get_submodule(str(a.target)), Quantizer)
+        ]
+        if sources and len(sources) == len(nodes[0].all_input_nodes) and len(set(sources)) == 1:
+            abits = sources[0]
     return wbits, abits
 
 
@@ -162,7 +192,7 @@ def layer_groups(ir: IR) -> list[LayerGroup]:
         if _is_free(ir, node):
             continue
         group = LayerGroup(main=node)
-        module = ir.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        module = _module_at(ir, node) if node.op == "call_module" else None
         if isinstance(module, nn.Conv2d | nn.Linear):
             nxt = _next_single(ir, node)
             if (
@@ -187,7 +217,7 @@ def layer_groups(ir: IR) -> list[LayerGroup]:
 
 def _op_name(ir: IR, node: fx.Node) -> str:
     if node.op == "call_module":
-        module = ir.gm.get_submodule(str(node.target))
+        module = _module_at(ir, node)
         if isinstance(module, nn.Conv2d):
             return "conv"
         if isinstance(module, nn.Linear):
@@ -245,7 +275,7 @@ def _signature(ir: IR, group: LayerGroup) -> tuple[LayerSignature | None, nn.Mod
     wbits, abits = _bits(ir, [node, *group.fused])
     base: dict[str, Any] = {"in_shape": in_shape, "out_shape": out_shape, "act": act}
     if op == "conv":
-        conv = ir.gm.get_submodule(str(node.target))
+        conv = _module_at(ir, node)
         assert isinstance(conv, nn.Conv2d)
         if isinstance(conv.padding, str):
             return None, None
@@ -267,7 +297,7 @@ def _signature(ir: IR, group: LayerGroup) -> tuple[LayerSignature | None, nn.Mod
         )
         return sig, None
     if op == "linear":
-        linear = ir.gm.get_submodule(str(node.target))
+        linear = _module_at(ir, node)
         assert isinstance(linear, nn.Linear)
         return LayerSignature(
             op="linear", bias=linear.bias is not None, weight_bits=wbits, act_bits=abits, **base

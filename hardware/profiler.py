@@ -179,9 +179,18 @@ def _match_by_dataflow(ir: IR, producers: set[fx.Node], claimed: set[fx.Node]) -
     return []
 
 
+def _original_name(name: str, original_names: set[str]) -> str:
+    """The exported node a kernel of the optimized graph is named after (ORT appends suffixes such
+    as ``/duplicated`` to nodes it copies)."""
+    while name not in original_names and "/" in name:
+        name = name.rsplit("/", 1)[0]
+    return name
+
+
 def _fused_sources(original: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[str, list[str]]:
     """Optimized node name → the original node names between its inputs and outputs."""
     producer = {out: n for n in original.graph.node for out in n.output}
+    original_names = {n.name for n in original.graph.node}
     optimized_names = {n.name for n in optimized.graph.node}
     result: dict[str, list[str]] = {}
     for node in optimized.graph.node:
@@ -202,8 +211,9 @@ def _fused_sources(original: onnx.ModelProto, optimized: onnx.ModelProto) -> dic
             if src.name not in seen:
                 seen.append(src.name)
             stack.extend(src.input)
-        if node.name not in seen and node.name in {n.name for n in original.graph.node}:
-            seen.append(node.name)
+        own = _original_name(node.name, original_names)
+        if own not in seen and own in original_names:
+            seen.append(own)
         result[node.name] = seen
     return result
 
@@ -254,6 +264,7 @@ def profile_onnx(
         durations, op_types, run_times = _node_events(profile_file)
         optimized = onnx.load(str(optimized_path), load_external_data=False)
     sources = _fused_sources(original, optimized)
+    original_names = {n.name for n in original.graph.node}
     onnx_to_ir = map_onnx_nodes(original, ir) if ir is not None else {}
     macs = {n.name: ir.meta(n).macs for n in ir.gm.graph.nodes} if ir is not None else {}
     ir_order = {n.name: i for i, n in enumerate(ir.gm.graph.nodes)} if ir is not None else {}
@@ -269,7 +280,10 @@ def profile_onnx(
                 if ir_name not in covered:
                     covered.append(ir_name)
         covered.sort(key=lambda n: ir_order.get(n, 0))
-        primary = max(covered, key=lambda n: (macs.get(n, 0), -ir_order.get(n, 0))) if covered else None
+        own = set(onnx_to_ir.get(_original_name(node.name, original_names), []))
+        primary = (
+            max(covered, key=lambda n: (macs.get(n, 0), n in own, -ir_order.get(n, 0))) if covered else None
+        )
         kernels.append(
             KernelTime(
                 onnx_node=node.name,

@@ -18,6 +18,7 @@ from hardware.layers import LayerSignature, layer_groups
 from hardware.ort_cpu import OrtCpuTarget
 from hardware.runtime import measurement_session
 from hardware.single_layer import build_single_layer
+from ir.constructs import Quantizer
 from ir.graph import IR
 
 CONV = LayerSignature(
@@ -157,3 +158,33 @@ def test_prediction_sums_every_layer_group(tmp_path: Path) -> None:
     assert prediction.overhead_ms == 0.0
     assert prediction.total_ms == pytest.approx(expected)
     assert prediction.unpredicted == []
+
+
+class _WrappedWeights(Quantizer):
+    """Stands in for the quantization pass's weight quantizer: a Quantizer that wraps a layer."""
+
+    role = "weight"
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(8)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class _ActQ(Quantizer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_wrapped_layers_are_layers_and_activation_quantizers_are_free() -> None:
+    model = nn.Sequential(_ActQ(8), _WrappedWeights(nn.Conv2d(3, 4, 3)), nn.ReLU(), _ActQ(8))
+    ir = IR.from_module(model.eval(), (1, 3, 6, 6))
+    nodes = {n.name: n for n in ir.gm.graph.nodes}
+    ir.meta(nodes["_1"]).weight_bits, ir.meta(nodes["_1"]).act_bits = 8, 8
+    groups = layer_groups(ir)
+    assert [g.names for g in groups] == [["_1", "_2"]]  # conv + ReLU; quantizers are Q/DQ pairs that fuse
+    sig = groups[0].signature
+    assert sig is not None and sig.op == "conv" and sig.kernel == (3, 3) and sig.act == "relu"
+    assert (sig.weight_bits, sig.act_bits) == (8, 8) and sig.out_shape == (1, 4, 4, 4)
