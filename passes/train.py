@@ -3,7 +3,8 @@
 Used to give a loaded or built-in model real accuracy before search, pruning or
 quantization, and to fine-tune after them. It trains the IR's weights only (architecture
 parameters of search constructs stay where they are), with the shared loop in
-:mod:`training.loop`, then re-propagates metadata and records the result.
+:mod:`training.loop` and ``--threads`` intra-op threads on CPU, then re-propagates
+metadata and records the result.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ir.graph import IR
 from passes.base import Context, Pass
 from passes.options import option
 from training.data import check_labels
-from training.loop import evaluate, train_model
+from training.loop import evaluate, torch_threads, train_model
 
 
 @dataclass
@@ -70,18 +71,19 @@ class TrainPass(Pass):
             optimizer = torch.optim.Adam(weights, lr=settings.lr, weight_decay=opts.weight_decay)
         else:
             optimizer = torch.optim.SGD(weights, lr=settings.lr, momentum=0.9, weight_decay=opts.weight_decay)
-        history = train_model(
-            ir.gm,
-            ctx.data.train,
-            settings,
-            ctx.device,
-            ctx.generator("train"),
-            optimizer=optimizer,
-            desc="train",
-            schedule=opts.schedule,
-        )
-        ir.gm.eval()
-        ir.propagate()
+        with torch_threads(ctx.threads if ctx.device.type == "cpu" else None):
+            history = train_model(
+                ir.gm,
+                ctx.data.train,
+                settings,
+                ctx.device,
+                ctx.generator("train"),
+                optimizer=optimizer,
+                desc="train",
+                schedule=opts.schedule,
+            )
+            ir.gm.eval()
+            ir.propagate()
         summary: dict[str, float | int | str] = {
             "epochs": settings.epochs,
             "lr": settings.lr,
@@ -91,7 +93,8 @@ class TrainPass(Pass):
             summary["train_loss"] = round(history[-1]["loss"], 4)
             summary["train_accuracy"] = round(history[-1]["accuracy"], 4)
         if len(ctx.data.val):
-            val_loss, val_acc = evaluate(ir.gm, ctx.data.val, batch_size=256, device=ctx.device)
+            with torch_threads(ctx.threads if ctx.device.type == "cpu" else None):
+                val_loss, val_acc = evaluate(ir.gm, ctx.data.val, batch_size=256, device=ctx.device)
             summary["val_loss"] = round(val_loss, 4)
             summary["val_accuracy"] = round(val_acc, 4)
         ctx.record(**summary)

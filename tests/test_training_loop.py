@@ -197,3 +197,22 @@ def test_train_pass_refuses_missing_or_unfit_data(tmp_path: Path) -> None:
         Pipeline(["train"], export=False).run(wide, _ctx(tmp_path, data))
     with pytest.raises(BadInputError, match=r"bad value 'x' for train\.epochs"):
         Pipeline(["train"], export=False, options={"train": {"epochs": "x"}})
+
+
+def test_fixed_batch_model_fails_with_a_clear_error() -> None:
+    class FixedBatch(nn.Module):
+        """What a decomposed .pt2 exported at batch 2 looks like: a view with the batch baked in."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(36, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.view(2, 36))
+
+    data = _toy_data(12)
+    with pytest.raises(BadInputError, match=r"fails on a batch of 5 inputs of shape \(1, 6, 6\)"):
+        evaluate(FixedBatch(), data, batch_size=5, device="cpu")
+    settings = TrainSettings(epochs=1, batch_size=4, lr=0.1, progress=False)
+    with pytest.raises(BadInputError, match="torch.export.Dim on the batch dimension"):
+        train_model(FixedBatch(), data, settings, "cpu", torch.Generator().manual_seed(0))
