@@ -12,6 +12,10 @@ exported model:
   integer kernel (QLinearConv, QGemm, QLinearAdd, ...) with no extra conversions, as
   between two layers of a fully quantized model.
 
+Other widths (2–7-bit weights or activations) are measured as float32 on ``ort-cpu``: ONNX
+Runtime has no sub-8-bit kernels and dequantizes such weights to float (TOOLCHAIN.md), so the
+float kernel is what runs; the ``bitserial`` target models what those widths would buy.
+
 Models are built with ``onnx.helper`` (milliseconds, no tracing); an op without a builder
 (``module:...`` signatures) is exported from the module itself with ``torch.onnx.export``.
 """

@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tabulate import tabulate
@@ -44,20 +44,18 @@ class HardwareOptions:
     max_seconds: float = option(2.0, "time cap of the whole-model latency measurement, seconds")
     max_spread: float = option(1.5, "p90/median above this flags the latency as too noisy to trust")
     per_layer: bool = option(True, "profile per layer (ort-cpu) and report where the time goes")
-    clock: str = option(
+    clock: Literal["auto", "cpu", "wall"] = option(
         "auto",
         "ort-cpu latency clock: 'cpu' (thread CPU time, robust on a busy machine), 'wall', or 'auto' (cpu at 1 thread)",
     )
     bitserial_bricks: int = option(8192, "bitserial: 2-bit BitBricks in the array")
     bitserial_freq_mhz: float = option(500.0, "bitserial: clock frequency, MHz")
     bitserial_bandwidth_gbs: float = option(25.6, "bitserial: DRAM bandwidth, GB/s")
-    bitserial_combine: str = option(
+    bitserial_combine: Literal["max", "sum"] = option(
         "max", "bitserial: 'max' (roofline, overlapped) or 'sum' of compute and memory"
     )
 
     def __post_init__(self) -> None:
-        if self.clock not in ("auto", "cpu", "wall"):
-            raise ValueError("hardware.clock must be auto, cpu or wall")
         if self.profile_runs < 1 or self.max_seconds <= 0 or self.max_spread < 1:
             raise ValueError("hardware.profile_runs >= 1, max_seconds > 0 and max_spread >= 1 are required")
 
