@@ -209,6 +209,7 @@ class Hardware(Pass):
                 attach_latencies(ir, profile)
                 kernels = profile.kernels
             counts = count_model(ir)
+            onnx_bytes = onnx_path.stat().st_size if onnx_path is not None else None
             accuracy_after = None
             if budget is not None and budget.accuracy_drop is not None:
                 assert onnx_path is not None
@@ -231,6 +232,7 @@ class Hardware(Pass):
             "measured_file": "model.onnx"
             if not exported_here
             else "(exported by the hardware pass for measurement)",
+            "onnx_file_bytes": onnx_bytes,
             "counts": counts.as_dict(),
             "per_layer": rows,
         }

@@ -131,3 +131,12 @@ def test_onnx_accuracy_pads_a_fixed_batch(tmp_path: Path) -> None:
         float((y == ir.gm(torch.from_numpy(x)).argmax(1).numpy()).mean())
     )
     assert np.isfinite(onnx_accuracy(path, x, y))
+
+
+def test_without_an_export_pass_the_check_exports_for_itself(tmp_path: Path) -> None:
+    ctx, out = _context(tmp_path, "latency=1us")
+    result = Pipeline([], export=False).run(_ir(), ctx)
+    out.discard()
+    assert isinstance(result.budget_error, BudgetError)
+    assert "exported by the hardware pass" in ctx.sections["hardware"]["measured_file"]
+    assert ctx.artifacts == {}  # nothing staged, so nothing handed over
