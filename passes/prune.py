@@ -16,6 +16,13 @@ any traced model:
 
 The IR that comes out is the physically smaller graph, so the exported ONNX is the small
 model. Parameters, MACs and (on ``ort-cpu``) measured latency before and after are recorded.
+
+A budget (``macs_target``, default 0.5 of the MACs) stops the search once enough structure is
+gone. Scales start at 1 and the soft threshold moves them by at most ηγ per step, so with the
+paper's γ = 0.001 they reach zero only after tens of thousands of steps (the paper's budget,
+not a CPU run's); when the search ends above the budget the smallest λ are ranked out, as
+Network Slimming (Liu et al., ICCV 2017) does with L1-trained scales. ``macs_target=0`` is the
+pure method: only scales that reached exactly zero are removed.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ class PruneOptions:
         "both", "where the scales go: residual branches / supernet edges, conv channel groups, or both"
     )
     gamma: float = option(0.001, "γ, the weight of the L1 penalty on the scales")
+    macs_target: float = option(
+        0.5,
+        "keep at most this fraction of the MACs: stop the search there, or rank out the smallest λ "
+        "at its end if the scales did not reach zero on their own (0: pure L1, only exact zeros go)",
+    )
     adaptive_flops: bool = option(False, "scale γ per block by its share of the MACs (adaptive FLOPs)")
     mu: float = option(0.9, "μ, the APG momentum (also the SGD momentum of the weights)")
     lr: float = option(0.1, "learning rate of weights and scales (cosine-annealed)")
@@ -187,6 +199,7 @@ class Prune(Pass):
             adaptive_flops=opts.adaptive_flops,
             progress=ctx.train.progress,
             device=device,
+            macs_target=int(opts.macs_target * before["macs"]) if opts.macs_target > 0 else None,
         )
         result = search(ir, weights_half, scales_half, settings_s, ctx.generator("prune-search"), make_loader)
         if epochs == 0:
@@ -224,6 +237,7 @@ class Prune(Pass):
             "macs_after": after["macs"],
             "macs_ratio": round(after["macs"] / max(before["macs"], 1), 4),
             "gates": len(gates),
+            "ranked_out": result.ranked_out,
             "val_accuracy": val_acc,
         }
         if latency_before is not None and latency_after is not None:
@@ -247,6 +261,8 @@ class Prune(Pass):
                 "channels_removed": sum(r.channels_removed for r in result.shrinks),
                 "branches_removed": sum(r.branches for r in result.shrinks),
                 "gates_zeroed_by_dead_propagation": result.zeroed_gates,
+                "scales_ranked_out_for_macs_target": result.ranked_out,
+                "search_stopped_early": result.stopped_early,
                 "history": history,
             },
         )
@@ -268,6 +284,8 @@ class Prune(Pass):
             or opts.prune_every < 1
         ):
             problems.append("prune epochs must be >= 0 and prune.prune_every >= 1")
+        if not 0 <= opts.macs_target <= 1:
+            problems.append(f"prune.macs_target must be in [0, 1], got {opts.macs_target}")
         if opts.channel_group < 1:
             problems.append(f"prune.channel_group must be >= 1, got {opts.channel_group}")
         if problems:

@@ -42,8 +42,11 @@ def gate_modules(ir: IR) -> dict[str, Gate]:
 
 
 def block_of(ir: IR, gate_name: str) -> str:
-    """The block a gate scales: for gates the pruner inserted, the block of the layer before it;
-    for gates built into a model (the supernet), the module holding its gate list."""
+    """The block a gate scales: the closest enclosing module that holds MAC-bearing layers.
+
+    For gates the pruner inserted (``dso_gates.*``) the search starts at the layer before the
+    gate; for gates built into a model (the supernet's edges) at the gate itself.
+    """
     path = gate_name
     if gate_name.startswith("dso_gates."):
         for node in ir.gm.graph.nodes:
@@ -52,8 +55,12 @@ def block_of(ir: IR, gate_name: str) -> str:
                 if isinstance(source, fx.Node) and source.op == "call_module":
                     path = str(source.target)
                     break
+    working = [str(n.target) for n in ir.gm.graph.nodes if n.op == "call_module" and ir.meta(n).macs > 0]
     parts = path.split(".")[:-1]
-    while parts and isinstance(ir.gm.get_submodule(".".join(parts)), nn.ModuleList | nn.ModuleDict):
+    while parts:
+        prefix = ".".join(parts) + "."
+        if any(t.startswith(prefix) for t in working):
+            break
         parts = parts[:-1]
     return ".".join(parts)
 
@@ -91,6 +98,9 @@ class SearchSettings:
     grad_clip: float = 2.0
     prune_every: int = 1
     adaptive_flops: bool = False
+    #: Stop once the graph has at most this many MACs; if the scales have not got there on
+    #: their own by the end, remove the smallest λ until it has (None: pure L1, zeros only).
+    macs_target: int | None = None
     progress: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -100,6 +110,9 @@ class SearchResult:
     history: list[dict[str, float]] = field(default_factory=list)
     shrinks: list[ShrinkReport] = field(default_factory=list)
     zeroed_gates: int = 0
+    #: λ entries set to zero by magnitude to meet ``macs_target`` (0 when the L1 got there).
+    ranked_out: int = 0
+    stopped_early: bool = False
 
 
 def weight_optimizer(ir: IR, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -236,4 +249,21 @@ def search(
                 _carry_state(opt_l, new_l)
             opt_w, opt_l = new_w, new_l
         result.history.append(stats)
+        if settings.macs_target is not None and ir.mac_count() <= settings.macs_target:
+            result.stopped_early = epoch < settings.epochs
+            break
+    if settings.macs_target is not None and ir.mac_count() > settings.macs_target:
+        result.ranked_out = meet_macs_target(ir, settings.macs_target)
     return result
+
+
+def meet_macs_target(ir: IR, macs_target: int) -> int:
+    """Zero the smallest λ (global ranking) until the shrunk graph has at most ``macs_target``
+    MACs, and shrink ``ir`` in place to it; returns how many λ entries were zeroed."""
+    from nas.dso.magnitude import bisect_prune, lambda_scores
+
+    scores = [s for s in lambda_scores(ir) if s.score > 0]
+    pruned, count = bisect_prune(ir, scores, macs_target)
+    ir.gm = pruned.gm
+    ir.propagate()
+    return count

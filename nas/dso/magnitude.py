@@ -1,0 +1,121 @@
+"""The baseline users reach for first: L1-norm filter pruning (Li et al., ICLR 2017).
+
+"Pruning Filters for Efficient ConvNets" ranks the filters of each convolution by
+``s_j = Σ |F_j|`` (section 3.1) and removes the smallest, with the feature maps they produce
+and the kernels that read them. Here the ranking is global across layers, on the mean
+absolute weight so layers of different fan-in compare, and the removal reuses the exact
+shrink machinery: the channel gates of :func:`nas.dso.gating.gate_channels` are set to 0 for
+the lowest-ranked filters (a tied residual stream is ranked by the mean over its producers)
+and :func:`nas.dso.shrink.shrink` does the rest, so both methods end in the same kind of graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ir.constructs import Gate
+from ir.graph import IR
+from nas.dso.gating import gate_channels
+from nas.dso.shrink import shrink
+
+
+@dataclass(frozen=True)
+class FilterScore:
+    """The L1 score of one λ entry (a channel group) of one channel gate."""
+
+    gate: str
+    index: int
+    score: float
+
+
+def _producer(gm: fx.GraphModule, gate_call: fx.Node) -> nn.modules.conv._ConvNd | None:
+    source = gate_call.args[0]
+    if isinstance(source, fx.Node) and source.op == "call_module":
+        module = gm.get_submodule(str(source.target))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            source = source.args[0]
+            if not (isinstance(source, fx.Node) and source.op == "call_module"):
+                return None
+            module = gm.get_submodule(str(source.target))
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module
+    return None
+
+
+def l1_filter_scores(ir: IR) -> list[FilterScore]:
+    """Mean |W| of the filters behind each λ entry of each channel gate, lowest first."""
+    gm = ir.gm
+    sums: dict[tuple[str, int], list[float]] = {}
+    for node in ir.construct_nodes(Gate):
+        gate = gm.get_submodule(str(node.target))
+        assert isinstance(gate, Gate)
+        conv = _producer(gm, node)
+        if not gate.groups or conv is None or gate.channels is None:
+            continue
+        per = gate.channels // gate.groups
+        mean_abs = conv.weight.detach().abs().flatten(1).mean(dim=1)  # one per output channel
+        for g in range(gate.groups):
+            sums.setdefault((str(node.target), g), []).append(float(mean_abs[g * per : (g + 1) * per].mean()))
+    scores = [FilterScore(name, g, sum(v) / len(v)) for (name, g), v in sums.items()]
+    return sorted(scores, key=lambda s: (s.score, s.gate, s.index))
+
+
+def lambda_scores(ir: IR) -> list[FilterScore]:
+    """Every λ entry of every gate scored by its value, lowest first (the ranking Network
+    Slimming, Liu et al. ICCV 2017, section 3.2, applies to L1-trained scales)."""
+    scores = []
+    for name, module in ir.gm.named_modules():
+        if isinstance(module, Gate):
+            for index, value in enumerate(module.lam.detach().flatten().tolist()):
+                scores.append(FilterScore(name, index, float(value)))
+    return sorted(scores, key=lambda s: (s.score, s.gate, s.index))
+
+
+def prune_lowest(ir: IR, scores: list[FilterScore], count: int) -> IR:
+    """A shrunk clone of ``ir`` with the ``count`` lowest-scored λ entries at zero."""
+    from nas.dso.dead import apply_dead_structure
+
+    pruned = ir.clone()
+    with torch.no_grad():
+        for s in scores[:count]:
+            gate = pruned.gm.get_submodule(s.gate)
+            assert isinstance(gate, Gate)
+            gate.lam.view(-1)[s.index] = 0.0
+    apply_dead_structure(pruned)
+    shrink(pruned)
+    return pruned
+
+
+def bisect_prune(ir: IR, scores: list[FilterScore], target_macs: int) -> tuple[IR, int]:
+    """Remove the fewest lowest-scored λ entries that bring ``ir`` to at most ``target_macs``
+    MACs (bisection on the count; the smallest reachable model if the target is too low).
+    Returns the shrunk clone and how many entries were zeroed."""
+    lo, hi = 0, len(scores)
+    best = prune_lowest(ir, scores, hi)
+    if best.mac_count() > target_macs:
+        return best, hi
+    if ir.mac_count() <= target_macs:
+        return prune_lowest(ir, scores, 0), 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = prune_lowest(ir, scores, mid)
+        if candidate.mac_count() <= target_macs:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return best, hi
+
+
+def magnitude_prune_to_macs(ir: IR, target_macs: int) -> IR:
+    """L1-norm filter pruning of ``ir`` (ungated) down to at most ``target_macs`` MACs.
+
+    Gates every prunable convolution, then bisects on how many of the lowest-ranked filters
+    to remove; returns the shrunk IR whose MACs are the largest not above the target (or the
+    smallest reachable). The gates (all λ = 1 or 0) remain; fold them before training.
+    """
+    gated = ir.clone()
+    gate_channels(gated)
+    return bisect_prune(gated, l1_filter_scores(gated), target_macs)[0]
