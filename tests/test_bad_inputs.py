@@ -27,7 +27,7 @@ CATALOGUE = [
         "file that is not a model",
         ("inspect", "{models}/notes.pt", "--input-shape", "1,3,32,32"),
         2,
-        "not a PyTorch",
+        "not a readable PyTorch file",
     ),
     BadCase(
         "truncated model file",
