@@ -116,9 +116,8 @@ def session_inputs(
             raise BadInputError(f"cannot feed ONNX input '{arg.name}' of type {arg.type}")
         if np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)
-            feeds[arg.name] = rng.integers(max(info.min, -128), min(info.max, 255) + 1, size=shape).astype(
-                dtype
-            )
+            low = -128 if dtype == np.int8 else 0  # wider integers are usually indices: keep them >= 0
+            feeds[arg.name] = rng.integers(low, min(info.max, 255) + 1, size=shape).astype(dtype)
         else:
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
