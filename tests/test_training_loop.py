@@ -216,3 +216,14 @@ def test_fixed_batch_model_fails_with_a_clear_error() -> None:
     settings = TrainSettings(epochs=1, batch_size=4, lr=0.1, progress=False)
     with pytest.raises(BadInputError, match=r"torch\.export\.Dim on the batch dimension"):
         train_model(FixedBatch(), data, settings, "cpu", torch.Generator().manual_seed(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_training_on_cuda_matches_the_contract() -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    settings = TrainSettings(epochs=1, batch_size=16, lr=0.1, progress=False)
+    history = train_model(model, _toy_data(), settings, "cuda", torch.Generator().manual_seed(0))
+    assert next(model.parameters()).is_cuda and len(history) == 1
+    loss, acc = evaluate(model, _toy_data(), 32, "cuda")
+    assert math.isfinite(loss) and 0.0 <= acc <= 1.0

@@ -63,7 +63,9 @@ def _logits(output: Any) -> torch.Tensor:
 def _seeded_global_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
     """Seed the global RNG (used by dropout and friends) from ``generator`` without leaking the change."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    devices = [device] if device.type == "cuda" else []
+    devices: list[int] = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
