@@ -296,6 +296,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     registry = make_registry(plugins)
     pipeline = Pipeline(settings["passes"], registry=registry, options=pass_options)
 
+    from hardware.targets import TARGET_NAMES
+
+    if settings["target"] not in TARGET_NAMES:
+        raise BadInputError(f"unknown --target '{settings['target']}' (known: {', '.join(TARGET_NAMES)})")
     budget = None
     if settings["budget"]:
         from hardware.budget import parse_budget

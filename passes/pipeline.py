@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ir.errors import BudgetError
+from ir.errors import BadInputError, BudgetError
 from ir.graph import IR
 from ir.verify import verify
 from passes.base import Context, Pass
@@ -71,12 +71,12 @@ class Pipeline:
         named = {p if isinstance(p, str) else p.name for p in passes}
         if export and "export" in self.registry:
             named.add("export")
-        for pass_name in options:
-            self.registry.get(pass_name)  # unknown pass in --set: a clear error
-            if pass_name not in named:
-                from ir.errors import BadInputError
-
+        for pass_name, values in options.items():
+            cls = self.registry.get(pass_name)  # unknown pass in --set: a clear error
+            if pass_name not in named and cls.placement != "check":
                 raise BadInputError(f"options were given for pass '{pass_name}', which is not in --passes")
+            if cls.placement == "check":
+                cls(**dict(values))  # checked now, although the pass may only be added later
         instances: list[Pass] = []
         for item in passes:
             if isinstance(item, Pass):
@@ -88,6 +88,7 @@ class Pipeline:
             cls = self.registry.get("export")
             instances.append(cls(**dict(options.get("export", {}))))
         self.passes = self._ordered(instances)
+        self.options = options
         self.verify_atol = verify_atol
 
     @staticmethod
@@ -99,7 +100,7 @@ class Pipeline:
         """The passes to run: ours plus every registered check pass that ``ctx`` asks for."""
         present = {p.name for p in self.passes}
         extra = [
-            cls()
+            cls(**dict(self.options.get(cls.name, {})))
             for cls in self.registry.classes()
             if cls.placement == "check" and cls.name not in present and cls.wanted(ctx)
         ]

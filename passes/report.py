@@ -146,6 +146,35 @@ def totals_table(report: dict[str, Any], fmt: str) -> str:
     return tabulate(rows, headers=["", "before", "after"], tablefmt=fmt)
 
 
+def budget_table(report: dict[str, Any], fmt: str) -> str:
+    """One row per budget constraint: limit, measured value, met or not."""
+    rows = [
+        [
+            name,
+            _short(c.get("limit")),
+            _short(c.get("measured")),
+            c.get("unit", ""),
+            "yes" if c.get("met") else "NO",
+        ]
+        for name, c in (report.get("budget") or {}).items()
+        if isinstance(c, dict)
+    ]
+    return tabulate(rows, headers=["budget", "limit", "measured", "unit", "met"], tablefmt=fmt)
+
+
+def hardware_lines(report: dict[str, Any]) -> list[str]:
+    """The hardware section in a sentence: target, threads, latency median and p90."""
+    hw = report.get("hardware")
+    if not hw:
+        return []
+    label = f" ({hw['label']})" if hw.get("label") else ""
+    median, p90 = hw.get("latency_ms_median"), hw.get("latency_ms_p90")
+    timing = (
+        f"latency median {median:.3f} ms, p90 {p90:.3f} ms" if median is not None and p90 is not None else ""
+    )
+    return [f"Target {hw.get('target')}{label}, {hw.get('threads')} thread(s): {timing}."]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: totals, passes and layers as GitHub tables."""
     parts = [
@@ -162,6 +191,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         pass_table(report, "github"),
         "",
+    ]
+    if report.get("hardware") or report.get("budget"):
+        parts += ["## Hardware and budget", "", *hardware_lines(report), ""]
+        if report.get("budget"):
+            parts += [budget_table(report, "github"), ""]
+    parts += [
         "## Layers",
         "",
         layer_table(report, "github"),
@@ -180,4 +215,8 @@ def render_console(report: dict[str, Any], max_layers: int = 60) -> str:
     if len(layers) > max_layers:
         text.append(f"... {len(layers) - max_layers} more layers in report.md")
     text += ["", pass_table(report, "simple"), "", totals_table(report, "simple")]
+    if report.get("hardware"):
+        text += ["", *hardware_lines(report)]
+    if report.get("budget"):
+        text += ["", budget_table(report, "simple")]
     return "\n".join(text)
