@@ -67,6 +67,7 @@ def test_prune_on_builtin_resnet_reports_before_after_and_exports_the_smaller_mo
 
 
 def test_prune_on_the_dso_supernet_removes_edges(tmp_path, cifar_npz):
+    """Adaptive-FLOPs γ and retraining from scratch, under the default MAC budget."""
     torch.set_num_threads(1)
     data = load_data(f"npz:{cifar_npz}", seed=0, limit=320)
     ir = builtin_ir("dso-supernet", width="8", stages="1", levels="2")
@@ -80,6 +81,8 @@ def test_prune_on_the_dso_supernet_removes_edges(tmp_path, cifar_npz):
             "search_epochs": "3",
             "retrain_epochs": "0",
             "measure": "false",
+            "adaptive_flops": "true",
+            "retrain": "scratch",
         }
     }
     result = Pipeline(["prune"], options=options, export=False).run(ir, ctx)
