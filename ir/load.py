@@ -301,6 +301,11 @@ def _load_pickled_module(path: Path, options: LoadOptions) -> nn.Module:
             f"{path} is {what}: unpickling it runs code named in the file; pass --trust-model if you "
             "trust it, or save a state dict (with --model-class) or a torch.export program instead"
         )
+    if cls_name and cls_name.startswith("__main__."):
+        raise BadInputError(
+            f"{path} pickles {cls_name}, a class defined in the script that saved it, which cannot be "
+            "imported here: move the class into a module and save a state dict (load it with --model-class)"
+        )
     try:
         with _cwd_on_path():
             obj = torch.load(path, map_location="cpu", weights_only=False)

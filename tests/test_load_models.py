@@ -229,3 +229,20 @@ def test_input_shape_and_class_count_checks(saved: dict[str, object]) -> None:
         load_ir(full, LoadOptions(trust_model=True, input_shape=SHAPE, num_classes=4))
     with pytest.raises(BadInputError, match="positive integers"):
         load_ir(full, LoadOptions(trust_model=True, input_shape=(1, 0, 32, 32)))
+
+
+def test_pickle_of_a_script_class_says_what_to_do(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "save_it.py"
+    script.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x.mean(dim=(2, 3))\n"
+        f"torch.save(Net(), {str(tmp_path / 'script.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path)
+    with pytest.raises(BadInputError, match=r"pickles __main__\.Net, a class defined in the script"):
+        load_ir(str(tmp_path / "script.pt"), LoadOptions(trust_model=True, input_shape=SHAPE))
