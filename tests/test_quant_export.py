@@ -1,0 +1,161 @@
+"""Quantized export: ONNX Runtime's fused op counts and parity, 8-bit and mixed (INT4, 2-bit), keep_float."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ir.graph import IR
+from quant import export as qe
+from quant import insert as qi
+from quant.modules import WeightQuantizer
+
+
+class TinyNet(nn.Module):
+    """conv-relu, conv + residual add, relu, a 1x1 projection conv, pool, linear: every fused pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu1(self.conv1(x))
+        b = self.relu2(self.conv2(a) + a)
+        c = self.relu3(self.conv3(b))
+        return self.fc(torch.flatten(self.pool(c), 1))
+
+
+def _cifar(path: Path, n_train: int = 2000, n_test: int = 400) -> tuple[TensorDataset, torch.Tensor]:
+    data = np.load(path)
+    mean = np.array([0.49, 0.48, 0.45], dtype=np.float32)[None, :, None, None]
+    std = np.array([0.25, 0.24, 0.26], dtype=np.float32)[None, :, None, None]
+
+    def prep(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((x.astype(np.float32) / 255 - mean) / std)
+
+    train = TensorDataset(prep(data["x_train"][:n_train]), torch.from_numpy(data["y_train"][:n_train]))
+    return train, prep(data["x_test"][:n_test])
+
+
+def _trained(train: TensorDataset) -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    for _ in range(5):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(request: pytest.FixtureRequest) -> tuple[nn.Module, TensorDataset, torch.Tensor]:
+    path = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-subset.npz"
+    if not path.is_file():
+        pytest.skip(f"real CIFAR-10 subset not found at {path} (../shared/data is absent)")
+    train, test = _cifar(path)
+    return _trained(train), train, test
+
+
+def _quantized(model: nn.Module, train: TensorDataset, bits: dict[str, int | None]) -> IR:
+    ir = IR.from_module(model, (1, 3, 32, 32), 10)
+    qi.insert_quantizers(ir, bits, act_bits=8)
+    qi.calibrate(ir, [train.tensors[0][i : i + 128] for i in range(0, 512, 128)])
+    qi.freeze(ir)
+    return ir
+
+
+def test_8bit_export_runs_on_integer_kernels_with_parity(trained, tmp_path: Path) -> None:
+    model, train, test = trained
+    ir = _quantized(model, train, {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 8})
+    path = qe.export_quantized(ir.gm, test[:2], tmp_path / "int8.onnx")
+    counts = qe.optimized_op_counts(path)
+    assert counts["QLinearConv"] == 3  # every conv on the integer kernel ...
+    assert counts["Conv"] == 0  # ... and no float conv left
+    assert counts["QGemm"] + counts["MatMulInteger"] + counts["QLinearMatMul"] >= 1
+    assert counts["QLinearAdd"] == 1
+    result = qe.parity(ir.gm, path, [test[i : i + 100] for i in range(0, len(test), 100)])
+    print(f"int8 parity: agreement {result['agreement']:.4f}, max abs diff {result['max_abs_diff']:.3g}")
+    assert result["agreement"] >= 0.99
+    assert result["max_abs_diff"] < 0.5
+
+
+def test_mixed_export_int4_and_container_bits(trained, tmp_path: Path) -> None:
+    model, train, test = trained
+    ir = _quantized(model, train, {"conv1": 8, "conv2": 4, "conv3": 2, "fc": 8})
+    wq = qi.weight_quantizers(ir)
+    assert wq["conv2"].uses_int4() and not wq["conv3"].uses_int4()
+    # a 2-bit layer's frozen weights take at most 4 levels per channel
+    w3 = wq["conv3"].layer.weight.detach() / wq["conv3"].scale.reshape(-1, 1, 1, 1)
+    assert all(len(torch.unique(torch.round(row))) <= 4 for row in w3)
+    assert torch.allclose(w3, torch.round(w3), atol=1e-4)  # on the grid
+    path = qe.export_quantized(ir.gm, test[:2], tmp_path / "mixed.onnx")
+    model_proto = onnx.load(str(path))
+    assert max(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    int4 = [
+        n
+        for n in model_proto.graph.node
+        if n.op_type == "QuantizeLinear"
+        and any(a.name == "output_dtype" and a.i == onnx.TensorProto.INT4 for a in n.attribute)
+    ]
+    assert len(int4) == 1  # conv2's weights
+    counts = qe.optimized_op_counts(path)
+    assert counts["QLinearConv"] == 2  # conv1 (8-bit) and conv3 (2-bit in the int8 container)
+    assert counts["Conv"] == 1  # conv2: ONNX Runtime has no int4 conv, it dequantizes
+    result = qe.parity(ir.gm, path, [test[i : i + 100] for i in range(0, len(test), 100)])
+    print(f"mixed parity: agreement {result['agreement']:.4f}, max abs diff {result['max_abs_diff']:.3g}")
+    assert result["agreement"] >= 0.99
+    # the size counts the real bits: hand count of weights, bias and scales
+    expected_bits = (
+        8 * 16 * 27
+        + 32 * 16
+        + 32 * 16  # conv1: weights at 8 bits, bias and scales at 32
+        + 4 * 16 * 144
+        + 32 * 16
+        + 32 * 16  # conv2
+        + 2 * 32 * 144
+        + 32 * 32
+        + 32 * 32  # conv3
+        + 8 * 10 * 32
+        + 32 * 10
+        + 32 * 10  # fc
+    )
+    assert qi.model_size_bits(ir) == expected_bits
+    assert ir.meta(next(n for n in ir.gm.graph.nodes if n.name == "conv2")).weight_bits == 4
+
+
+def test_keep_float_leaves_the_layer_in_float(trained, tmp_path: Path) -> None:
+    model, train, test = trained
+    ir = IR.from_module(model, (1, 3, 32, 32), 10)
+    keep = qi.resolve_layer_names(ir, ["conv3"])
+    qi.insert_quantizers(ir, {"conv1": 8, "conv2": 8, "fc": 8}, keep_float=keep)
+    assert isinstance(ir.gm.get_submodule("conv3"), nn.Conv2d)
+    assert not isinstance(ir.gm.get_submodule("conv3"), WeightQuantizer)
+    node = next(n for n in ir.gm.graph.nodes if n.name == "conv3")
+    assert ir.meta(node).weight_bits is None
+    qi.calibrate(ir, [train.tensors[0][:128]])
+    qi.freeze(ir)
+    path = qe.export_quantized(ir.gm, test[:2], tmp_path / "keep.onnx")
+    counts = qe.optimized_op_counts(path)
+    assert counts["Conv"] == 1 and counts["QLinearConv"] == 2
+    result = qe.parity(ir.gm, path, [test[:200]])
+    assert result["agreement"] >= 0.99
+    with pytest.raises(KeyError):
+        qi.resolve_layer_names(ir, ["no_such_layer"])
