@@ -3,7 +3,9 @@
 For each model in :data:`examples.models.MODELS` it writes ``DIR/<name>.pt`` (the whole
 module pickled with ``torch.save``: load with ``--trust-model``), ``DIR/<name>_state.pt``
 (a state dict: load with ``--model-class examples.models:<Class>``) and ``DIR/<name>.pt2``
-(a ``torch.export`` program with a dynamic batch dimension). Weights and BatchNorm
+(a ``torch.export`` program with a dynamic batch dimension), plus ``DIR/branchy.pt``, a
+pickled :class:`~examples.models.BranchyNet` that torch.fx cannot trace (to see the
+tracing error and its ``--leaf-modules`` fix). Weights and BatchNorm
 statistics are random but fixed by ``--seed``, so the files are the same on every run.
 """
 
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so the pickles name the class as examples.models.<Class>
     sys.path.insert(0, str(ROOT))
 
-from examples.models import MODELS  # noqa: E402
+from examples.models import MODELS, BranchyNet  # noqa: E402
 
 
 def randomize_batch_norm(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -51,6 +53,10 @@ def save_all(out_dir: Path, seed: int = 0, in_channels: int = 3, image_size: int
         exported = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
         torch.export.save(exported, program)
         written += [full, state, program]
+    torch.manual_seed(seed)
+    branchy = out_dir / "branchy.pt"
+    torch.save(BranchyNet(in_channels=in_channels).eval(), branchy)
+    written.append(branchy)
     return written
 
 
