@@ -246,3 +246,25 @@ def test_pickle_of_a_script_class_says_what_to_do(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path)
     with pytest.raises(BadInputError, match=r"pickles __main__\.Net, a class defined in the script"):
         load_ir(str(tmp_path / "script.pt"), LoadOptions(trust_model=True, input_shape=SHAPE))
+
+
+def test_save_models_script_writes_loadable_files(tmp_path: Path) -> None:
+    from examples.models import MODELS
+    from examples.save_models import save_all
+
+    written = save_all(tmp_path, seed=3)
+    assert {p.name for p in written} >= {"residual.pt", "concat_state.pt", "squeeze_excite.pt2", "branchy.pt"}
+    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(4))
+    for name, cls in MODELS.items():
+        full = load_ir(str(tmp_path / f"{name}.pt"), LoadOptions(trust_model=True, input_shape=SHAPE))
+        state = load_ir(
+            str(tmp_path / f"{name}_state.pt"),
+            LoadOptions(model_class=f"examples.models:{cls.__name__}", input_shape=SHAPE),
+        )
+        program = load_ir(str(tmp_path / f"{name}.pt2"))
+        with torch.no_grad():
+            reference = full.gm(x)
+            torch.testing.assert_close(state.gm(x), reference, rtol=0, atol=0)
+            torch.testing.assert_close(program.gm(x), reference, rtol=0, atol=1e-6)
+        assert full.summary()["params"] == program.summary()["params"] == state.summary()["params"]
+        assert full.summary()["macs"] == program.summary()["macs"]
