@@ -35,7 +35,7 @@ def two_conv_ir() -> IR:
     return IR.from_module(model, (1, 2, 4, 4))
 
 
-def test_filters_are_ranked_by_mean_absolute_weight():
+def test_filters_are_ranked_by_mean_absolute_weight_relative_to_their_layer():
     from nas.dso.gating import gate_channels
 
     ir = two_conv_ir()
@@ -43,7 +43,8 @@ def test_filters_are_ranked_by_mean_absolute_weight():
     conv1_gate = next(str(n.target) for n in ir.construct_nodes() if n.args[0].target == "bn1")
     scores = [s for s in l1_filter_scores(ir) if s.gate == conv1_gate]
     assert [s.index for s in scores] == [0, 1, 3, 2]
-    assert [round(s.score, 6) for s in scores] == [2.0, 4.0, 8.0, 60.0]
+    # Scores are relative to the layer's mean filter score, (2 + 4 + 60 + 8) / 4 = 18.5.
+    assert [round(s.score, 6) for s in scores] == [round(v / 18.5, 6) for v in (2.0, 4.0, 8.0, 60.0)]
 
 
 def test_magnitude_pruning_meets_the_mac_target_removing_the_smallest_filters():
@@ -54,6 +55,17 @@ def test_magnitude_pruning_meets_the_mac_target_removing_the_smallest_filters():
     assert pruned.mac_count() == 166
     kept = pruned.gm.get_submodule("conv1").weight.detach().reshape(2, 2)
     assert torch.equal(kept, torch.tensor([[-30.0, 90.0], [4.0, -12.0]]))
+
+
+def test_magnitude_pruning_never_empties_a_layer():
+    ir = two_conv_ir()
+    pruned = magnitude_prune_to_macs(ir, 0)  # an impossible target: as small as allowed
+    # Each gated layer keeps its best filter: conv1's filter 2 and one of conv2's three.
+    assert pruned.gm.get_submodule("conv1").out_channels == 1
+    assert pruned.gm.get_submodule("conv2").out_channels == 1
+    assert torch.equal(
+        pruned.gm.get_submodule("conv1").weight.detach().flatten(), torch.tensor([-30.0, 90.0])
+    )
 
 
 def test_adaptive_gamma_scales_each_block_by_its_share_of_the_macs():

@@ -11,6 +11,7 @@ and :func:`nas.dso.shrink.shrink` does the rest, so both methods end in the same
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,31 @@ def l1_filter_scores(ir: IR) -> list[FilterScore]:
         mean_abs = conv.weight.detach().abs().flatten(1).mean(dim=1)  # one per output channel
         for g in range(gate.groups):
             sums.setdefault((str(node.target), g), []).append(float(mean_abs[g * per : (g + 1) * per].mean()))
-    scores = [FilterScore(name, g, sum(v) / len(v)) for (name, g), v in sums.items()]
+    raw = {key: sum(v) / len(v) for key, v in sums.items()}
+    # Filters compare within a layer (Li et al. rank per layer); to rank across layers, each
+    # score is taken relative to the mean score of its gate, or layers with a larger fan-in
+    # (smaller weights at initialization) would be emptied first.
+    layer_mean: dict[str, list[float]] = {}
+    for (name, _), value in raw.items():
+        layer_mean.setdefault(name, []).append(value)
+    means = {name: sum(v) / len(v) for name, v in layer_mean.items()}
+    scores = [FilterScore(name, g, value / max(means[name], 1e-12)) for (name, g), value in raw.items()]
     return sorted(scores, key=lambda s: (s.score, s.gate, s.index))
+
+
+def protect_layers(ir: IR, scores: list[FilterScore], keep_fraction: float = 0.1) -> list[FilterScore]:
+    """``scores`` without the highest-scored ``keep_fraction`` (at least one) of every channel
+    gate: ranking a whole layer out would cut the network in two, which no budget asks for."""
+    by_gate: dict[str, list[FilterScore]] = {}
+    for s in scores:
+        by_gate.setdefault(s.gate, []).append(s)
+    protected: set[FilterScore] = set()
+    for name, entries in by_gate.items():
+        gate = ir.gm.get_submodule(name)
+        if isinstance(gate, Gate) and gate.groups:
+            keep = max(1, math.ceil(keep_fraction * gate.groups))
+            protected.update(sorted(entries, key=lambda s: -s.score)[:keep])
+    return [s for s in scores if s not in protected]
 
 
 def lambda_scores(ir: IR) -> list[FilterScore]:
@@ -113,9 +137,9 @@ def magnitude_prune_to_macs(ir: IR, target_macs: int) -> IR:
     """L1-norm filter pruning of ``ir`` (ungated) down to at most ``target_macs`` MACs.
 
     Gates every prunable convolution, then bisects on how many of the lowest-ranked filters
-    to remove; returns the shrunk IR whose MACs are the largest not above the target (or the
+    to remove (every layer keeps its best 10%, see :func:`protect_layers`); returns the shrunk IR whose MACs are the largest not above the target (or the
     smallest reachable). The gates (all λ = 1 or 0) remain; fold them before training.
     """
     gated = ir.clone()
     gate_channels(gated)
-    return bisect_prune(gated, l1_filter_scores(gated), target_macs)[0]
+    return bisect_prune(gated, protect_layers(gated, l1_filter_scores(gated)), target_macs)[0]

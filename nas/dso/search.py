@@ -259,10 +259,11 @@ def search(
 
 def meet_macs_target(ir: IR, macs_target: int) -> int:
     """Zero the smallest λ (global ranking) until the shrunk graph has at most ``macs_target``
-    MACs, and shrink ``ir`` in place to it; returns how many λ entries were zeroed."""
-    from nas.dso.magnitude import bisect_prune, lambda_scores
+    MACs, and shrink ``ir`` in place to it; returns how many λ entries were zeroed. As for the
+    magnitude baseline, every channel gate keeps its largest 10% (branch gates may go whole)."""
+    from nas.dso.magnitude import bisect_prune, lambda_scores, protect_layers
 
-    scores = [s for s in lambda_scores(ir) if s.score > 0]
+    scores = protect_layers(ir, [s for s in lambda_scores(ir) if s.score > 0])
     pruned, count = bisect_prune(ir, scores, macs_target)
     ir.gm = pruned.gm
     ir.propagate()
