@@ -75,6 +75,62 @@ def snapshot(alphas: Sequence[nn.Parameter]) -> list[list[float]]:
     return [torch.softmax(a.detach().float().cpu(), dim=-1).tolist() for a in alphas]
 
 
+def weight_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: Sequence[nn.Parameter],
+    alphas: Sequence[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_clip: float,
+    lean: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """Algorithm 1, step 2: one SGD step of the weights on a training batch; (logits, loss).
+
+    ``lean`` keeps α out of the autograd graph (their gradient is not used here), which also
+    spares autograd from saving every candidate's output for it. A non-finite loss skips the
+    update and is returned for the caller to report.
+    """
+    with frozen(alphas if lean else []):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return logits.detach(), value
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(weights, grad_clip)
+        optimizer.step()
+    for a in alphas:
+        a.grad = None
+    return logits.detach(), value
+
+
+def make_optimizers(
+    model: nn.Module,
+    weights: Sequence[nn.Parameter],
+    alphas: Sequence[nn.Parameter],
+    settings: SearchSettings,
+) -> tuple[torch.optim.SGD, Architect]:
+    """The weights' SGD and the :class:`Architect` (α's Adam) with ``settings``' hyperparameters."""
+    optimizer = torch.optim.SGD(
+        weights, lr=settings.w_lr, momentum=settings.w_momentum, weight_decay=settings.w_weight_decay
+    )
+    architect = Architect(
+        model,
+        weights,
+        alphas,
+        optimizer,
+        order=settings.order,
+        lr=settings.arch_lr,
+        betas=settings.arch_betas,
+        weight_decay=settings.arch_weight_decay,
+        lean=settings.lean,
+    )
+    return optimizer, architect
+
+
 def search(
     model: nn.Module,
     weights: Sequence[nn.Parameter],
@@ -95,20 +151,7 @@ def search(
         raise BadInputError("the model has no architecture parameters to search")
     model.to(device)
     model.train()
-    optimizer = torch.optim.SGD(
-        weights, lr=settings.w_lr, momentum=settings.w_momentum, weight_decay=settings.w_weight_decay
-    )
-    architect = Architect(
-        model,
-        weights,
-        alphas,
-        optimizer,
-        order=settings.order,
-        lr=settings.arch_lr,
-        betas=settings.arch_betas,
-        weight_decay=settings.arch_weight_decay,
-        lean=settings.lean,
-    )
+    optimizer, architect = make_optimizers(model, weights, alphas, settings)
     result = SearchResult(alpha_history=[snapshot(alphas)])
     train_loader = _loader(train_set, settings.batch_size, generator)
     val_loader = _loader(val_set, settings.batch_size, generator)
@@ -134,21 +177,15 @@ def search(
                 break
             x_t, y_t, x_v, y_v = x_t.to(device), y_t.to(device), x_v.to(device), y_v.to(device)
             architect.step(x_t, y_t, x_v, y_v, xi=lr)
-            with frozen(alphas):
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(x_t)
-                loss = nn.functional.cross_entropy(logits, y_t)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    bar.close()
-                    raise RunFailedError(
-                        f"DARTS search diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                        f"(lower darts.w_lr, now {lr:.3g})"
-                    )
-                loss.backward()
-                if settings.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(weights, settings.grad_clip)
-                optimizer.step()
+            logits, value = weight_step(
+                model, optimizer, weights, alphas, x_t, y_t, settings.grad_clip, settings.lean
+            )
+            if not math.isfinite(value):
+                bar.close()
+                raise RunFailedError(
+                    f"DARTS search diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                    f"(lower darts.w_lr, now {lr:.3g})"
+                )
             batch = int(y_t.shape[0])
             loss_sum += value * batch
             correct += int((logits.detach().argmax(dim=1) == y_t).sum())
