@@ -88,10 +88,10 @@ def test_grammar_violations_are_refused() -> None:
 
 
 def test_genotypes_outside_the_space_are_refused() -> None:
-    with_none = DARTS_V2._replace(normal=[("none", 0)] + DARTS_V2.normal[1:])
+    with_none = DARTS_V2._replace(normal=[("none", 0), *DARTS_V2.normal[1:]])
     with pytest.raises(ValueError, match="none"):
         SPACE.from_genotype(with_none)
-    future_input = DARTS_V2._replace(normal=[("sep_conv_3x3", 2)] + DARTS_V2.normal[1:])
+    future_input = DARTS_V2._replace(normal=[("sep_conv_3x3", 2), *DARTS_V2.normal[1:]])
     with pytest.raises(ValueError, match="input 2"):
         SPACE.from_genotype(future_input)
 

@@ -111,7 +111,12 @@ class SearchSpace:
         tokens: list[int] = []
         for cell in (arch.normal, arch.reduce):
             for in1, op1, in2, op2 in cell:
-                tokens += [self.input_token(in1), self.op_token(op1), self.input_token(in2), self.op_token(op2)]
+                tokens += [
+                    self.input_token(in1),
+                    self.op_token(op1),
+                    self.input_token(in2),
+                    self.op_token(op2),
+                ]
         return tokens
 
     def is_valid(self, tokens: Sequence[int]) -> bool:
@@ -176,10 +181,14 @@ class SearchSpace:
                 (op1, in1), (op2, in2) = pairs[2 * i], pairs[2 * i + 1]
                 for op in (op1, op2):
                     if op not in self.ops:
-                        raise ValueError(f"op '{op}' in the {name} cell is not in the space ({', '.join(self.ops)})")
+                        raise ValueError(
+                            f"op '{op}' in the {name} cell is not in the space ({', '.join(self.ops)})"
+                        )
                 for j in (in1, in2):
                     if not 0 <= j <= i + 1:
-                        raise ValueError(f"node {i} of the {name} cell reads input {j}: only 0..{i + 1} exist")
+                        raise ValueError(
+                            f"node {i} of the {name} cell reads input {j}: only 0..{i + 1} exist"
+                        )
                 nodes.append((in1, self.ops.index(op1), in2, self.ops.index(op2)))
             cells.append(tuple(nodes))
         return Arch(cells[0], cells[1])
