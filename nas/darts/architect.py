@@ -125,6 +125,7 @@ class Architect:
         weight_decay: float = 1e-3,
         loss_fn: LossFn = cross_entropy_loss,
         lean: bool = True,
+        epsilon_scale: float = 0.01,
     ) -> None:
         if order not in (1, 2):
             raise ValueError("DARTS order must be 1 or 2")
@@ -136,6 +137,7 @@ class Architect:
         self.loss_fn = loss_fn
         self.lean = lean
         self.optimizer = torch.optim.Adam(self.alphas, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.epsilon_scale = epsilon_scale  # eq. 8: ε = 0.01 / ‖∇_{w'} L_val‖ in the paper
         self.last_hvp_norm: float | None = None
 
     # -- the unrolled model (eq. 6) ----------------------------------------------------------
@@ -181,7 +183,7 @@ class Architect:
                     w.copy_(s)
         del saved
         hvp = finite_difference_hvp(
-            self.model, self.loss_fn, x_train, y_train, self.weights, self.alphas, vector
+            self.model, self.loss_fn, x_train, y_train, self.weights, self.alphas, vector, self.epsilon_scale
         )
         return dalpha, hvp
 
@@ -231,7 +233,7 @@ class Architect:
         ]
         del unrolled
         norm = _norm(vector)
-        epsilon = 0.01 / float(norm)
+        epsilon = self.epsilon_scale / float(norm)
         grads = []
         for sign in (1.0, -2.0):
             with torch.no_grad():
