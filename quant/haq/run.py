@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from passes.base import Context, TrainSettings
 from quant.haq.actions import BitLevels, Bits
 from quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
 from quant.haq.ddpg import DDPGConfig
+from quant.haq.enforce import Policy
 from quant.haq.env import EnvSettings, QuantizeEnv
 from quant.haq.hardware_cost import (
     LatencySource,
@@ -145,14 +147,23 @@ def search_subset(ctx: Context, samples: int) -> Subset[Any] | Any:
     return Subset(train, order.tolist())
 
 
-def run_haq(
-    ir: IR,
-    ctx: Context,
-    opts: HaqOptions,
-    latency_table: LatencySource | None = None,
-    on_episode: Callable[[EpisodeRecord], None] | None = None,
-) -> IR:
-    """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
+@dataclass
+class HaqSetup:
+    """Everything a search (or a baseline under the same budget) needs, built once per run."""
+
+    float_ir: IR  # the input IR with BatchNorm folded
+    env: QuantizeEnv  # owns the quantizer-equipped IR
+    states: StateSpace
+    levels: BitLevels
+    cost: CostModel
+    budget: BudgetSpec
+    original_accuracy: float
+
+
+def prepare_haq(
+    ir: IR, ctx: Context, opts: HaqOptions, latency_table: LatencySource | None = None
+) -> HaqSetup:
+    """Check options, fold BatchNorm, insert 8-bit quantizers, build state, cost table and budget."""
     if ctx.data is None:
         raise BadInputError("quantize.method=haq needs data (--data) to fine-tune and measure accuracy")
     if opts.episodes < 1:
@@ -201,10 +212,24 @@ def run_haq(
         ctx.seed,
     )
     original = evaluate(float_ir.gm, ctx.data.val, 256, ctx.device)[1]
+    return HaqSetup(float_ir, env, states, levels, cost, budget, original)
+
+
+def run_haq(
+    ir: IR,
+    ctx: Context,
+    opts: HaqOptions,
+    latency_table: LatencySource | None = None,
+    on_episode: Callable[[EpisodeRecord], None] | None = None,
+) -> IR:
+    """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
+    setup = prepare_haq(ir, ctx, opts, latency_table)
+    env, states, levels, cost, budget = setup.env, setup.states, setup.levels, setup.cost, setup.budget
+    original, metric = setup.original_accuracy, budget.metric
     config = DDPGConfig(hidden=_hidden(opts.haq_hidden), warmup=opts.haq_warmup)
     ctx.logger.info(
         "haq: %d layers, %s budget %.4g%s (%s), %d episodes",
-        len(infos),
+        len(states.layers),
         metric,
         budget.limit,
         cost.unit,
@@ -227,25 +252,8 @@ def run_haq(
     )
 
     # the best policy, fine-tuned on the whole training split, then frozen for export
-    env.prepare(result.best_policy)
     final_epochs = ctx.train.epochs if opts.haq_final_epochs < 0 else opts.haq_final_epochs
-    if final_epochs > 0:
-        train_model(
-            q_ir.gm,
-            ctx.data.train,
-            TrainSettings(
-                epochs=final_epochs,
-                batch_size=ctx.train.batch_size,
-                lr=opts.haq_final_lr,
-                progress=ctx.train.progress,
-            ),
-            ctx.device,
-            ctx.generator("haq-final"),
-            desc="haq final fine-tune",
-        )
-        calibrate(q_ir, env.calibration_batches())
-    final_val = evaluate(q_ir.gm, ctx.data.val, 256, ctx.device)[1]
-    freeze(q_ir)  # weights onto their grids, scales as buffers; also refreshes the bits metadata
+    final_val = finalize_policy(env, result.best_policy, ctx, final_epochs, opts.haq_final_lr)
 
     curve_json = ctx.stage(CURVE_JSON)
     write_curve_json(result, curve_json)
@@ -265,7 +273,33 @@ def run_haq(
         raise BudgetError(
             f"HAQ: the best policy costs {result.best_cost:.4g}{cost.unit}, over the budget {budget.limit:.4g}{cost.unit}"
         )
-    return q_ir
+    return env.ir
+
+
+def finalize_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int, lr: float) -> float:
+    """Set ``policy`` on the env's IR, fine-tune it on the whole training split, recalibrate, freeze.
+
+    Returns the validation accuracy before freezing (freezing does not change the function).
+    Also how a uniform baseline is made comparable: the same steps with a uniform policy.
+    """
+    assert ctx.data is not None
+    env.prepare(policy)
+    if epochs > 0:
+        settings = TrainSettings(
+            epochs=epochs, batch_size=ctx.train.batch_size, lr=lr, progress=ctx.train.progress
+        )
+        train_model(
+            env.ir.gm,
+            ctx.data.train,
+            settings,
+            ctx.device,
+            ctx.generator("haq-final"),
+            desc="haq final fine-tune",
+        )
+        calibrate(env.ir, env.calibration_batches())
+    accuracy = env.accuracy()
+    freeze(env.ir)  # weights onto their grids, scales as buffers; also refreshes the bits metadata
+    return accuracy
 
 
 def _fold_batchnorms(ir: IR) -> None:
