@@ -1,0 +1,90 @@
+"""HAQ's latency cost from a target's table: overhead counted once, dominated levels dropped.
+
+A stub table stands in for the measured one (no timing in tests): a layer costs the per-call
+overhead plus MACs × a factor that depends on its bits like ort-cpu (int8 fast, anything else
+runs the float kernel) or like a bit-serial array (cost ∝ bits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hardware.layers import layer_groups
+from ir.graph import IR
+from quant.haq.actions import BitLevels
+from quant.haq.hardware_cost import latency_model, ort_cpu_canonical, undominated_levels
+
+OVERHEAD = 0.5
+
+
+def _macs(sig) -> int:
+    if sig.op == "conv":
+        return math.prod(sig.out_shape) * (sig.in_shape[1] // sig.groups) * math.prod(sig.kernel)
+    if sig.op == "linear":
+        return math.prod(sig.out_shape) * sig.in_shape[-1]
+    return math.prod(sig.out_shape)
+
+
+class StubTable:
+    def __init__(self, per_bit: bool) -> None:
+        self.per_bit = per_bit
+        self.asked: list[object] = []
+
+    def factor(self, sig) -> float:
+        w, a = sig.weight_bits, sig.act_bits
+        if self.per_bit:
+            return (32 if w is None else w) * (32 if a is None else a) / 64
+        int8 = (w == 8 and a == 8) if sig.op in ("conv", "linear") else a == 8
+        return 0.25 if int8 else 1.0
+
+    def lookup(self, sig, module=None, save=True) -> float:
+        self.asked.append(sig)
+        return OVERHEAD + 1e-6 * _macs(sig) * self.factor(sig)
+
+    def overhead_ms(self) -> float:
+        return OVERHEAD
+
+
+def _ir() -> IR:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    return IR.from_module(model, (1, 3, 16, 16), 10)
+
+
+def test_ort_cpu_like_table_keeps_int8_and_float_only() -> None:
+    ir = _ir()
+    names = ["_0", "_2", "_6"]
+    table = StubTable(per_bit=False)
+    levels = BitLevels(2, 8, with_float=True)
+    model = latency_model(ir, names, levels, table, canonical=ort_cpu_canonical)
+    kept = undominated_levels(model, levels)
+    assert kept.levels == [8, None]
+    # by hand: overhead once, every group at its int8 or float factor
+    groups = layer_groups(ir)
+    searched = [g for g in groups if g.main.name in names]
+    others = [g for g in groups if g.main.name not in names and g.signature is not None]
+    other_ms = sum(1e-6 * _macs(g.signature) * 0.25 for g in others)  # other groups at 8-bit activations
+    int8 = OVERHEAD + other_ms + sum(1e-6 * _macs(g.signature) * 0.25 for g in searched)
+    flt = OVERHEAD + other_ms + sum(1e-6 * _macs(g.signature) * 1.0 for g in searched)
+    assert model.uniform(8) == pytest.approx(int8)
+    assert model.uniform(None) == pytest.approx(flt)
+    # a mixed pair runs the float kernel on ort-cpu
+    assert model([(8, None), (8, 8), (8, 8)]) == pytest.approx(
+        int8 + 1e-6 * _macs(searched[0].signature) * 0.75
+    )
+
+
+def test_bitserial_like_table_keeps_every_level() -> None:
+    ir = _ir()
+    table = StubTable(per_bit=True)
+    levels = BitLevels(2, 8)
+    model = latency_model(ir, ["_0", "_2", "_6"], levels, table)
+    assert undominated_levels(model, levels).levels == list(range(2, 9))
+    assert model.uniform(4) < model.uniform(8)
