@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tomllib
 import traceback
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target", default=None, help="hardware target: ort-cpu (default) or bitserial")
     opt.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for measurements (1)")
     opt.add_argument("--out", default=None, help="output folder (out)")
+    opt.add_argument(
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="continue the interrupted run whose output folder is OUT from its checkpoints (same command)",
+    )
     opt.add_argument("--quiet", action="store_true", help="no progress bars or logs, only the final table")
 
     ins = sub.add_parser("inspect", help="trace a model and print its layers, shapes, parameters and MACs")
@@ -280,8 +287,51 @@ def check_data_fits(ir: Any, data: Any, data_spec: str) -> None:
         check_labels(data, ir.num_classes)
 
 
+def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The output folder and the run to resume (``--resume OUT``) or None.
+
+    A new run refuses an output folder holding checkpoints of an unfinished run: they would be
+    lost, and the user most likely meant ``--resume``.
+    """
+    from ir.errors import BadInputError
+    from training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints
+
+    if args.resume is None:
+        out_dir = Path(settings["out"])
+        if has_checkpoints(out_dir):
+            raise BadInputError(
+                f"{out_dir} holds checkpoints of an unfinished run: add --resume {out_dir} to continue it, "
+                f"or remove {out_dir / CHECKPOINT_FOLDER} to start afresh"
+            )
+        return out_dir, None
+    resume = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != resume.resolve():
+        raise BadInputError(f"--resume {resume} continues in its own folder; drop --out {args.out}")
+    if not has_checkpoints(resume):
+        raise BadInputError(
+            f"--resume {resume}: no checkpoints in {resume / CHECKPOINT_FOLDER} to resume from"
+        )
+    return resume, resume
+
+
 # -- commands --------------------------------------------------------------------------------
 def cmd_optimize(args: argparse.Namespace) -> int:
+    """``optimize``, joining the torchrun process group first when started by torchrun."""
+    from training import distributed
+
+    try:
+        if distributed.launched_by_torchrun():
+            settings, _ = resolve_settings(args)
+            distributed.init_distributed(settings["device"])
+            if not distributed.is_main_process():
+                args.quiet = True  # one set of logs and progress bars: rank 0's
+                logging.getLogger().setLevel(logging.WARNING)
+        return _optimize(args)
+    finally:
+        distributed.teardown()
+
+
+def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from ir.errors import BadInputError
@@ -308,6 +358,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     device = torch.device(settings["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for, but no CUDA device is available")
+    from training import distributed
+
+    dist_info = distributed.active()
+    if dist_info is not None:
+        device = dist_info.device  # one GPU per process under torchrun
+    out_dir, resume_from = resolve_out_dir(args, settings)
     if settings["threads"] < 1 or settings["epochs"] < 0 or settings["batch_size"] < 1 or settings["lr"] <= 0:
         raise BadInputError("--threads and --batch-size must be >= 1, --epochs >= 0 and --lr > 0")
 
@@ -333,7 +389,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     before = ir.summary()
 
     logger = logging.getLogger("fxsculpt")
-    out = OutputFolder(Path(settings["out"]))
+    out = OutputFolder(out_dir) if distributed.is_main_process() else distributed.RankLocalOutput(out_dir)
     ctx = Context(
         out_dir=out.out_dir,
         stage_dir=out.stage_dir,
@@ -350,14 +406,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         target=settings["target"],
         threads=settings["threads"],
         logger=logger,
+        checkpoint_dir=out_dir / "checkpoints",
+        resume_from=resume_from,
     )
     try:
         result = pipeline.run(ir, ctx)
+        if not distributed.is_main_process():
+            return EXIT_OK  # rank 0 reports and publishes
         status = "over_budget" if result.budget_error is not None else "ok"
         report = build_report(result.ir, result, ctx, before=before, data_spec=data_spec, status=status)
         written = out.publish(
             ctx.artifacts, {"report.json": to_json(report), "report.md": render_markdown(report)}
         )
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is complete
     finally:
         out.discard()
     print(render_console(report))

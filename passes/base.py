@@ -63,6 +63,13 @@ class Context:
     #: Test accuracy of the model as given, before any pass (set by the pipeline when data is given);
     #: the hardware pass checks ``accuracy_drop`` budgets against it.
     accuracy_before: float | None = None
+    #: Where passes keep checkpoints (``OUT/checkpoints``; see :mod:`training.checkpoint`); None: off.
+    checkpoint_dir: Path | None = None
+    #: The output folder of an interrupted run to continue (``--resume OUT``): passes resume from
+    #: the checkpoints in ``resume_from/checkpoints``.
+    resume_from: Path | None = None
+    #: 1 for the first pass of its name in the pipeline, 2 for the second, ...: keeps checkpoints apart.
+    pass_occurrence: int = 1
 
     def record(self, **summary: Any) -> None:
         """Add key/values to the current pass's summary (the per-pass table in reports)."""

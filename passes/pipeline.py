@@ -17,6 +17,7 @@ from ir.graph import IR
 from ir.verify import verify
 from passes.base import Context, Pass
 from passes.registry import PassRegistry
+from training.distributed import is_main_process
 
 
 @dataclass
@@ -115,7 +116,12 @@ class Pipeline:
         result = PipelineResult(ir=ir)
         result.accuracy_before = _test_accuracy(ir, ctx)
         ctx.accuracy_before = result.accuracy_before
+        occurrences: dict[str, int] = {}
         for pass_ in self.with_wanted_checks(ctx):
+            if pass_.placement != "user" and not is_main_process():
+                continue  # under torchrun only rank 0 exports, measures and checks the budget
+            occurrences[pass_.name] = occurrences.get(pass_.name, 0) + 1
+            ctx.pass_occurrence = occurrences[pass_.name]
             ctx.current_pass = pass_.name
             ctx.summaries.setdefault(pass_.name, {})
             before = ir.summary()

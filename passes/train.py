@@ -4,7 +4,9 @@ Used to give a loaded or built-in model real accuracy before search, pruning or
 quantization, and to fine-tune after them. It trains the IR's weights only (architecture
 parameters of search constructs stay where they are), with the shared loop in
 :mod:`training.loop` and ``--threads`` intra-op threads on CPU, then re-propagates
-metadata and records the result.
+metadata and records the result. It checkpoints after every epoch when the run keeps
+checkpoints (``--resume OUT`` continues after the last saved epoch) and trains data-parallel
+under torchrun (see :mod:`training.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ir.errors import BadInputError
 from ir.graph import IR
 from passes.base import Context, Pass
 from passes.options import option
+from training.checkpoint import pass_checkpointer
 from training.data import check_labels
 from training.loop import evaluate, torch_threads, train_model
 
@@ -81,6 +84,7 @@ class TrainPass(Pass):
                 optimizer=optimizer,
                 desc="train",
                 schedule=opts.schedule,
+                checkpoint=pass_checkpointer(ctx),
             )
             ir.gm.eval()
             ir.propagate()
