@@ -252,13 +252,12 @@ def make_sharded_loader(
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.parallel.DistributedDataParallel:
     """``model`` wrapped for data-parallel training; its parameters are broadcast from rank 0 first.
 
-    ``find_unused_parameters`` is on: search constructs (gates, choices, quantizers) may leave
-    some parameters out of a forward pass, which plain DDP would wait for forever.
+    ``static_graph``: a traced GraphModule runs the same graph every step, and DDP then copes
+    with parameters the forward never uses (e.g. a search construct's unused candidates), which
+    plain DDP would wait for forever, without re-walking the autograd graph every step.
     """
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=True
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:

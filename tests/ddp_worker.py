@@ -1,0 +1,85 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: one rank of a DDP training.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT``.
+Each rank writes ``OUT/rank<R>.pt`` with its trained weights, history and the results of the
+architecture-parameter helpers, for the test to compare with a one-process run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from passes.base import TrainSettings  # noqa: E402
+from training import distributed  # noqa: E402
+from training.loop import train_model  # noqa: E402
+
+#: 110 samples in global batches of 25: shards of 13 and 12, and a last batch of 10 (5 + 5).
+SAMPLES, BATCH, EPOCHS, LR = 110, 25, 2, 0.1
+
+
+def toy_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, 2, 6, 6, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 1, 0, 0] > 0).long()
+    return TensorDataset(x, y)
+
+
+class SmallNet(nn.Module):
+    """No BatchNorm or dropout: those keep per-rank statistics and masks under DDP by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 9, 4)
+        self.unused = nn.Linear(2, 2)  # never called: DDP must not wait for its gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
+
+
+def build() -> SmallNet:
+    torch.manual_seed(0)
+    return SmallNet()
+
+
+SETTINGS = TrainSettings(epochs=EPOCHS, batch_size=BATCH, lr=LR, progress=False)
+
+
+def main(out: Path) -> None:
+    info = distributed.init_distributed("cpu")
+    assert info is not None and info.world_size == 2, "start me with torchrun --nproc_per_node 2"
+    model = build()
+    history = train_model(model, toy_data(), SETTINGS, "cpu", torch.Generator().manual_seed(7))
+    # Architecture-parameter helpers: a gradient that differs per rank is averaged; a value is broadcast.
+    alpha = nn.Parameter(torch.zeros(3))
+    alpha.grad = torch.full((3,), float(info.rank + 1))
+    distributed.average_gradients([alpha])
+    lam = nn.Parameter(torch.full((2,), float(10 * info.rank + 1)))
+    distributed.broadcast_parameters([lam])
+    spread = distributed.max_rank_difference(model.parameters())
+    torch.save(
+        {
+            "state": model.state_dict(),
+            "history": history,
+            "alpha_grad": alpha.grad.clone(),
+            "lam": lam.detach().clone(),
+            "spread": spread,
+            "main": distributed.is_main_process(),
+        },
+        out / f"rank{info.rank}.pt",
+    )
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
