@@ -311,6 +311,8 @@ def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple
         raise BadInputError(
             f"--resume {resume}: no checkpoints in {resume / CHECKPOINT_FOLDER} to resume from"
         )
+    for stale in resume.glob(".fxsculpt-staging-*"):  # left by the killed run, which could not clean up
+        shutil.rmtree(stale, ignore_errors=True)
     return resume, resume
 
 
