@@ -255,7 +255,7 @@ class WeightSharingBackend:
             nn.utils.clip_grad_norm_(self.supernet.parameters(), 5.0)
             self.optimizer.step()
             self.steps_done += 1
-            total += float(loss)
+            total += loss.item()
         return total / max(steps, 1)
 
     def prepare(self, new: Sequence[Arch], pool: PoolLike | None) -> None:

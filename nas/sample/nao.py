@@ -66,6 +66,8 @@ class NAOSettings:
 class NAOModel(nn.Module):
     """Encoder, performance predictor and attention decoder over one token vocabulary."""
 
+    grammar_mask: torch.Tensor
+
     def __init__(self, space: SearchSpace, settings: NAOSettings | None = None) -> None:
         super().__init__()
         s = settings or NAOSettings()

@@ -89,7 +89,7 @@ class Controller(nn.Module):
         entropy = torch.zeros(())
         anchors: list[torch.Tensor] = []
         anchors_w: list[torch.Tensor] = []
-        inputs = self.g_emb
+        inputs: torch.Tensor = self.g_emb
         for _ in range(2):  # the two cell inputs: zero anchors, as in ENAS
             state = self.lstm(inputs, state)
             anchors.append(torch.zeros_like(state[0]))

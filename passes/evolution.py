@@ -1,0 +1,39 @@
+"""``evolution``: regularized (aging) evolution, Real et al. (AAAI 2019), on the DARTS cell space.
+
+See :mod:`nas.sample.evolution`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ir.errors import BadInputError
+from nas.sample.encoding import SearchSpace
+from nas.sample.evaluator import CandidateEvaluator
+from nas.sample.evolution import regularized_evolution
+from passes.base import Context
+from passes.options import option
+from passes.sample_search import SampleSearchOptions, SampleSearchPass
+
+
+@dataclass
+class EvolutionOptions(SampleSearchOptions):
+    population: int = option(
+        10, "population size P (paper: 100 for 20,000 evaluations; scaled to small budgets)"
+    )
+    sample: int = option(3, "tournament size S (paper: 25 of P = 100)")
+
+
+class Evolution(SampleSearchPass):
+    """Regularized evolution: tournament selection, one-token mutation, the oldest dies (Real et al. 2019)."""
+
+    name = "evolution"
+    Options = EvolutionOptions
+
+    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
+        opts: EvolutionOptions = self.options
+        if opts.population < 2 or not 1 <= opts.sample <= opts.population:
+            raise BadInputError("evolution needs population >= 2 and 1 <= sample <= population")
+        regularized_evolution(space, evaluator, self.rng(ctx), opts.population, opts.sample)
+        return {"population": opts.population, "sample": opts.sample, "proposals": evaluator.proposals}
