@@ -39,6 +39,8 @@ CONFIG_KEYS = {
     "val_fraction": "--val-fraction",
     "data_limit": "--data-limit",
     "plugins": "--plugin",
+    "workers": "--workers",
+    "ray_address": "--ray-address",
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -57,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.1,
     "data_limit": None,
     "plugins": [],
+    "workers": 1,
+    "ray_address": None,
 }
 
 
@@ -135,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target", default=None, help="hardware target: ort-cpu (default) or bitserial")
     opt.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for measurements (1)")
     opt.add_argument("--out", default=None, help="output folder (out)")
+    opt.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="evaluate search candidates in N parallel Ray workers (1; needs fxsculpt[distributed])",
+    )
+    opt.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster for --workers, e.g. HEAD:6379 or auto (default: a local runtime)",
+    )
     opt.add_argument(
         "--resume",
         default=None,
@@ -366,6 +381,13 @@ def _optimize(args: argparse.Namespace) -> int:
     if dist_info is not None:
         device = dist_info.device  # one GPU per process under torchrun
     out_dir, resume_from = resolve_out_dir(args, settings)
+    workers = int(settings["workers"])
+    if workers < 1:
+        raise BadInputError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 or settings["ray_address"]:
+        from training.parallel import require_ray
+
+        require_ray()
     if settings["threads"] < 1 or settings["epochs"] < 0 or settings["batch_size"] < 1 or settings["lr"] <= 0:
         raise BadInputError("--threads and --batch-size must be >= 1, --epochs >= 0 and --lr > 0")
 
@@ -410,6 +432,8 @@ def _optimize(args: argparse.Namespace) -> int:
         logger=logger,
         checkpoint_dir=out_dir / "checkpoints",
         resume_from=resume_from,
+        workers=workers,
+        ray_address=settings["ray_address"],
     )
     try:
         result = pipeline.run(ir, ctx)

@@ -70,6 +70,10 @@ class Context:
     resume_from: Path | None = None
     #: 1 for the first pass of its name in the pipeline, 2 for the second, ...: keeps checkpoints apart.
     pass_occurrence: int = 1
+    #: Parallel candidate evaluation (``--workers``, ``--ray-address``): passes hand these to
+    #: :func:`training.parallel.map_in_order`; 1 worker evaluates in this process.
+    workers: int = 1
+    ray_address: str | None = None
 
     def record(self, **summary: Any) -> None:
         """Add key/values to the current pass's summary (the per-pass table in reports)."""
