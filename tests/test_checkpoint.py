@@ -15,7 +15,14 @@ from torch.utils.data import TensorDataset
 from ir.errors import BadInputError, RunFailedError
 from passes.base import Context, TrainSettings
 from training import checkpoint as ckpt_mod
-from training.checkpoint import Checkpointer, capture_rng, pass_checkpointer, restore_rng
+from training.checkpoint import (
+    Checkpointer,
+    capture_rng,
+    pass_checkpointer,
+    restore_rng,
+    restore_training_state,
+    training_state,
+)
 from training.loop import train_model
 
 
@@ -273,3 +280,65 @@ def test_pass_checkpointer_folders(tmp_path: Path) -> None:
     resumed = pass_checkpointer(ctx)
     assert resumed is not None and resumed.resume
     assert resumed.folder == tmp_path / "old" / "checkpoints" / "train.2"
+
+
+def _search_loop(folder: Path, resume: bool, crash_after: int | None = None) -> dict[str, torch.Tensor]:
+    """A miniature bi-level search (weights by SGD, α by Adam, dropout, its own generator)."""
+    torch.manual_seed(0)
+    net = DropNet()
+    alpha = nn.Parameter(torch.zeros(3))
+    holder = nn.Module()
+    holder.alpha = alpha
+    w_opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    a_opt = torch.optim.Adam([alpha], lr=0.01)
+    gen = torch.Generator().manual_seed(4)
+    data = _toy_data(32)
+    checkpoint = Checkpointer(folder, resume=resume)
+    first = 1
+    history: list[float] = []
+    saved = checkpoint.load_latest({"epochs": 4})
+    if saved is not None:
+        extra = restore_training_state(
+            saved,
+            modules={"net": net, "arch": holder},
+            optimizers={"w": w_opt, "a": a_opt},
+            generators={"data": gen},
+        )
+        first, history = int(extra["epoch"]) + 1, list(extra["history"])
+    for epoch in range(first, 5):
+        order = torch.randperm(32, generator=gen)
+        x, y = data.tensors[0][order[:16]], data.tensors[1][order[:16]]
+        w_opt.zero_grad()
+        a_opt.zero_grad()
+        loss = F.cross_entropy(net(x), y) + (alpha.softmax(0) * torch.arange(3.0)).sum() * float(
+            torch.rand(())
+        )
+        loss.backward()
+        w_opt.step()
+        a_opt.step()
+        history.append(float(loss.detach()))
+        checkpoint.save(
+            epoch,
+            {
+                "config": {"epochs": 4},
+                **training_state(
+                    modules={"net": net, "arch": holder},
+                    optimizers={"w": w_opt, "a": a_opt},
+                    generators={"data": gen},
+                    epoch=epoch,
+                    history=history,
+                ),
+            },
+        )
+        if epoch == crash_after:
+            raise Crash
+    return {**net.state_dict(), "alpha": alpha.detach().clone(), "history": torch.tensor(history)}
+
+
+def test_training_state_resumes_a_search_loop_exactly(tmp_path: Path) -> None:
+    reference = _search_loop(tmp_path / "a", resume=False)
+    with pytest.raises(Crash):
+        _search_loop(tmp_path / "b", resume=False, crash_after=2)
+    resumed = _search_loop(tmp_path / "b", resume=True)
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key

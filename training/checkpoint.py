@@ -209,6 +209,65 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(
+    *,
+    modules: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer | None] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The whole state of a search at an epoch or episode boundary, ready for :meth:`Checkpointer.save`.
+
+    Module state dicts (weights, architecture parameters, buffers), optimizer states, every RNG
+    (with the global torch RNG of every rank under torchrun: each rank draws its own dropout
+    masks) and ``extra`` (history, counters; tensors, dicts, lists and scalars only). Every rank
+    must call it (it gathers the RNG states); only the main process's checkpointer writes.
+    """
+    from training.distributed import gather_objects
+
+    return {
+        "modules": {name: module.state_dict() for name, module in modules.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in (optimizers or {}).items() if opt is not None},
+        "rng": capture_rng(generators),
+        "rank_torch_rng": gather_objects(torch.get_rng_state()),
+        "extra": extra,
+    }
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    *,
+    modules: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer | None] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
+    """Put back what :func:`training_state` saved (in place); returns its ``extra``.
+
+    Call it where the saved run was when it saved (after the same setup), so that the RNG
+    states continue exactly. A state that does not fit the modules or optimizers is a
+    one-line :class:`BadInputError`.
+    """
+    from training.distributed import rank
+
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        for name, opt in (optimizers or {}).items():
+            if opt is not None:
+                opt.load_state_dict(state["optimizers"][name])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(
+            f"the checkpoint does not fit this run ({detail}); resume with the same command"
+        ) from exc
+    restore_rng(state["rng"], generators)
+    per_rank = state.get("rank_torch_rng") or [state["rng"]["torch"]]
+    if rank() >= len(per_rank):
+        raise BadInputError(f"the checkpoint was saved by {len(per_rank)} processes; resume with as many")
+    torch.set_rng_state(per_rank[rank()])
+    return dict(state.get("extra", {}))
+
+
 def all_finite(module: torch.nn.Module) -> bool:
     """Whether every floating-point parameter and buffer of ``module`` is finite (worth checkpointing)."""
     tensors = [*module.parameters(), *module.buffers()]

@@ -246,6 +246,41 @@ def make_sharded_loader(
     )
 
 
+def shuffled_loader(
+    dataset: Dataset[Any], batch_size: int, generator: torch.Generator, *, drop_last: bool
+) -> DataLoader[Any]:
+    """``DataLoader(shuffle=True, generator=...)`` alone, this rank's shards of it under torchrun.
+
+    For search loops that keep their own loaders; pair it with :func:`local_loss_scale` and
+    :func:`average_gradients`.
+    """
+    info = active()
+    if info is None:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=0,
+        )
+    return make_sharded_loader(dataset, batch_size, generator, drop_last=drop_last, info=info)
+
+
+def local_loss_scale(local_count: int) -> float:
+    """The factor on this rank's mean loss that makes averaged gradients those of the global mean.
+
+    ``world * local / global``: 1.0 alone, and when shards are equal; it makes unequal shards
+    (a global batch that ``world`` does not divide) count per sample, as in one process.
+    """
+    info = active()
+    if info is None:
+        return 1.0
+    total = torch.tensor([float(local_count)], dtype=torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return info.world_size * local_count / max(float(total), 1.0)
+
+
 # -- models and architecture parameters ---------------------------------------------------------
 
 
