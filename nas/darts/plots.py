@@ -58,7 +58,7 @@ def plot_alpha_history(
 def plot_cell(pairs: Sequence[tuple[str, int]], concat: Sequence[int], path: Path, title: str) -> Path:
     """Draw one cell of a genotype: inputs c_{k-2}, c_{k-1}, intermediate nodes, output c_k."""
     steps = len(pairs) // 2
-    fig, ax = plt.subplots(figsize=(2.2 * (steps + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(2.2 * (steps + 2), 4.2))
     pos: dict[int, tuple[float, float]] = {0: (0.0, 1.4), 1: (0.0, -1.4)}
     for k in range(steps):
         pos[k + 2] = (1.6 * (k + 1), 1.0 if k % 2 == 0 else -1.0)
@@ -85,34 +85,31 @@ def plot_cell(pairs: Sequence[tuple[str, int]], concat: Sequence[int], path: Pat
         bbox={"boxstyle": "round", "fc": "#c7e9c0", "ec": "black"},
         zorder=3,
     )
+    palette = plt.get_cmap("tab10")
+    op_names = sorted({op for op, _ in pairs})
+    color_of = {op: palette(i % 10) for i, op in enumerate(op_names)}
     for index, (op, source) in enumerate(pairs):
         target = index // 2 + 2
-        start, end = pos[source], pos[target]
-        bend = 0.25 if index % 2 else -0.25
+        bend = 0.2 if index % 2 else -0.2
         arrow = FancyArrowPatch(
-            start,
-            end,
+            pos[source],
+            pos[target],
             arrowstyle="-|>",
-            mutation_scale=10,
-            lw=1.0,
+            mutation_scale=12,
+            lw=2.0,
+            color=color_of[op],
             connectionstyle=f"arc3,rad={bend}",
             shrinkA=14,
             shrinkB=14,
             zorder=2,
         )
         ax.add_patch(arrow)
-        mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + (0.25 if index % 2 else -0.25)
-        ax.text(
-            mx,
-            my,
-            op,
-            fontsize=6.5,
-            ha="center",
-            va="center",
-            color="darkred",
-            zorder=4,
-            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
-        )
+    # Edges are coloured by op (a legend, not labels on crossing arrows, keeps it readable).
+    for op in op_names:
+        ax.plot([], [], color=color_of[op], lw=2.0, label=op)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(4, len(op_names)), fontsize=8, frameon=False
+    )
     for state in concat:
         arrow = FancyArrowPatch(
             pos[state],
@@ -128,7 +125,7 @@ def plot_cell(pairs: Sequence[tuple[str, int]], concat: Sequence[int], path: Pat
         )
         ax.add_patch(arrow)
     ax.set_xlim(-0.8, out_pos[0] + 0.8)
-    ax.set_ylim(-2.2, 2.2)
+    ax.set_ylim(-2.0, 2.0)
     ax.axis("off")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
