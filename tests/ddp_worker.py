@@ -7,6 +7,7 @@ architecture-parameter helpers, for the test to compare with a one-process run.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from passes.base import TrainSettings  # noqa: E402
 from training import distributed  # noqa: E402
+from training.checkpoint import Checkpointer  # noqa: E402
 from training.loop import train_model  # noqa: E402
 
 #: 110 samples in global batches of 25: shards of 13 and 12, and a last batch of 10 (5 + 5).
@@ -47,12 +49,60 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
 
 
+class DropNet(SmallNet):
+    """With dropout: per-rank dropout RNG streams must resume exactly too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(super().forward(x))
+
+
 def build() -> SmallNet:
     torch.manual_seed(0)
     return SmallNet()
 
 
 SETTINGS = TrainSettings(epochs=EPOCHS, batch_size=BATCH, lr=LR, progress=False)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _train_with_checkpoints(
+    folder: Path, resume: bool, crash_after: int | None = None
+) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = DropNet()
+
+    def on_epoch_end(epoch: int, _: dict[str, float]) -> None:
+        if epoch == crash_after:
+            raise _Crash
+
+    checkpoint = Checkpointer(folder, resume=resume, writer=distributed.is_main_process())
+    train_model(
+        model,
+        toy_data(),
+        SETTINGS,
+        "cpu",
+        torch.Generator().manual_seed(7),
+        checkpoint=checkpoint,
+        on_epoch_end=on_epoch_end,
+    )
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _resume_matches(out: Path) -> bool:
+    """Crash after epoch 1 and resume (under DDP, with dropout) equals the uninterrupted DDP run."""
+    reference = _train_with_checkpoints(out / "ckpt-a", resume=False)
+    with contextlib.suppress(_Crash):
+        _train_with_checkpoints(out / "ckpt-b", resume=False, crash_after=1)
+    distributed.barrier()  # rank 0's checkpoint is on disk before anyone reads it
+    resumed = _train_with_checkpoints(out / "ckpt-b", resume=True)
+    return all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 def main(out: Path) -> None:
@@ -67,6 +117,7 @@ def main(out: Path) -> None:
     lam = nn.Parameter(torch.full((2,), float(10 * info.rank + 1)))
     distributed.broadcast_parameters([lam])
     spread = distributed.max_rank_difference(model.parameters())
+    resumed_equal = _resume_matches(out)
     torch.save(
         {
             "state": model.state_dict(),
@@ -75,6 +126,7 @@ def main(out: Path) -> None:
             "lam": lam.detach().clone(),
             "spread": spread,
             "main": distributed.is_main_process(),
+            "resumed_equal": resumed_equal,
         },
         out / f"rank{info.rank}.pt",
     )
