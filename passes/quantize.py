@@ -45,6 +45,9 @@ class QuantizeOptions(HaqOptions):
     calibration: Literal["auto", "minmax", "percentile", "kl"] = option(
         "auto", "activation calibration; auto = KL divergence below 5 bits (as HAQ), min/max otherwise"
     )
+    quantize_output: bool = option(
+        False, "also quantize the model's output (lets ORT use QGemm for the last Linear; rounds the logits)"
+    )
     percentile: float = option(99.99, "percentile of |x| used by calibration=percentile")
     calib_batches: int = option(8, "training batches used to calibrate activation scales")
     keep_float: list[str] = option(
@@ -119,7 +122,12 @@ class Quantize(Pass):
         edge = {quantized[0], quantized[-1]} if opts.first_last_bits and quantized else set()
         weight_bits = {n: (opts.first_last_bits if n in edge else opts.bits) for n in quantized}
         qi.insert_quantizers(
-            ir, weight_bits, opts.act_bits, per_channel=opts.weight_granularity == "channel", keep_float=keep
+            ir,
+            weight_bits,
+            opts.act_bits,
+            per_channel=opts.weight_granularity == "channel",
+            keep_float=keep,
+            quantize_output=opts.quantize_output,
         )
 
         history: list[dict[str, float]] = []
