@@ -326,8 +326,11 @@ def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple
         raise BadInputError(
             f"--resume {resume}: no checkpoints in {resume / CHECKPOINT_FOLDER} to resume from"
         )
-    for stale in resume.glob(".fxsculpt-staging-*"):  # left by the killed run, which could not clean up
-        shutil.rmtree(stale, ignore_errors=True)
+    from training.distributed import is_main_process
+
+    if is_main_process():  # rank 0 only: other ranks must not race it for its new staging folder
+        for stale in resume.glob(".fxsculpt-staging-*"):  # left by the killed run, which could not clean up
+            shutil.rmtree(stale, ignore_errors=True)
     return resume, resume
 
 
