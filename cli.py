@@ -334,6 +334,23 @@ def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple
     return resume, resume
 
 
+def run_fingerprint(
+    args: argparse.Namespace, settings: dict[str, Any], pass_options: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The settings a run's result depends on; ``--resume`` must repeat them."""
+    ignored = {"out", "workers", "ray_address", "plugins"}
+    return {
+        "model": args.model,
+        "model_class": args.model_class,
+        "model_opt": sorted(args.model_opt),
+        "genotype": args.genotype,
+        "num_classes": args.num_classes,
+        "in_channels": args.in_channels,
+        "pass_options": pass_options,
+        **{key: value for key, value in settings.items() if key not in ignored},
+    }
+
+
 # -- commands --------------------------------------------------------------------------------
 def cmd_optimize(args: argparse.Namespace) -> int:
     """``optimize``, joining the torchrun process group first when started by torchrun."""
@@ -438,7 +455,13 @@ def _optimize(args: argparse.Namespace) -> int:
         workers=workers,
         ray_address=settings["ray_address"],
     )
+    from training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints, record_run_settings
+
+    complete = False
     try:
+        record_run_settings(
+            out_dir, run_fingerprint(args, settings, pass_options), resume=resume_from is not None
+        )
         result = pipeline.run(ir, ctx)
         if not distributed.is_main_process():
             return EXIT_OK  # rank 0 reports and publishes
@@ -447,9 +470,13 @@ def _optimize(args: argparse.Namespace) -> int:
         written = out.publish(
             ctx.artifacts, {"report.json": to_json(report), "report.md": render_markdown(report)}
         )
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is complete
+        complete = True
     finally:
         out.discard()
+        # Checkpoints outlive a failed run (--resume continues it); a complete run, or one that
+        # failed before its first checkpoint, leaves none.
+        if distributed.is_main_process() and (complete or not has_checkpoints(out_dir)):
+            shutil.rmtree(out_dir / CHECKPOINT_FOLDER, ignore_errors=True)
     print(render_console(report))
     for path in written:
         print(f"wrote {path}")

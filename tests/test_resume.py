@@ -92,6 +92,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     refusal = capsys.readouterr().err.strip().splitlines()
     assert len(refusal) == 1 and f"--resume {killed_out}" in refusal[0]
 
+    # Resuming with another seed would continue one run as another: refused, checkpoints kept.
+    other_seed = [
+        ("4" if a == "3" and b == "--seed" else a)
+        for b, a in zip(["", *_command(killed_out)], _command(killed_out))
+    ]
+    assert cli.main([*other_seed[2:], "--quiet", "--resume", str(killed_out)]) == 2
+    assert "started with seed=3, this command has seed=4" in capsys.readouterr().err
+    assert [int(p.stem.split("-")[1]) for p in _checkpoints(killed_out)] == saved
+
     resumed = subprocess.run(
         _command(killed_out, "--resume", str(killed_out)),
         cwd=ROOT,

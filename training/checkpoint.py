@@ -307,6 +307,40 @@ def pass_checkpointer(ctx: Context, phase: str = "", *, keep: int = 2) -> Checkp
     return Checkpointer(folder, resume=resume, keep=keep, writer=is_main_process())
 
 
+RUN_SETTINGS = "run.json"
+
+
+def record_run_settings(out_dir: Path, settings: Mapping[str, Any], resume: bool) -> None:
+    """Remember what a run was started with (``checkpoints/run.json``), or check a resume against it.
+
+    Resuming with other settings (another seed, pass option, data limit, ...) would continue
+    the checkpoints of one run as another: it is refused, naming the first setting that differs.
+    Only the main process writes the file.
+    """
+    import json
+
+    from training.distributed import is_main_process
+
+    path = Path(out_dir) / CHECKPOINT_FOLDER / RUN_SETTINGS
+    current = json.loads(json.dumps(dict(settings), default=str))  # the JSON view that is stored
+    if resume:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # older or partial folder: the per-phase checks still apply
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
+                raise BadInputError(
+                    f"--resume {out_dir}: the run was started with {key}={saved.get(key)!r}, "
+                    f"this command has {key}={current.get(key)!r}; resume with the same command"
+                )
+        return
+    if is_main_process():
+        from passes.outputs import atomic_write_text
+
+        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
 def has_checkpoints(out_dir: Path) -> bool:
     """Whether ``out_dir`` holds checkpoints of an unfinished run."""
     root = Path(out_dir) / CHECKPOINT_FOLDER
