@@ -1,5 +1,6 @@
 """Kill and resume through the CLI: a run SIGKILLed after its first checkpoint and resumed with
-``--resume OUT`` ends with the same weights and metrics as an uninterrupted run with the same seed."""
+``--resume OUT`` ends with the same weights and metrics as an uninterrupted run with the same seed;
+a run whose loss turns NaN fails with exit 4 and keeps its last good checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 import cli
@@ -130,3 +132,75 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     # The run is complete: its checkpoints are gone, and nothing of the staging is left.
     assert not (killed_out / "checkpoints").exists()
     assert not list(killed_out.glob(".fxsculpt-staging-*"))
+
+
+POISONED_PLUGIN = '''
+"""A train pass whose model returns NaN on its 8th training batch: epoch 2, step 2 with 6 batches an epoch."""
+
+import torch
+
+from passes import Pass
+from training.checkpoint import pass_checkpointer
+from training.loop import train_model
+
+
+class PoisonedTrain(Pass):
+    """Trains like the train pass, then its loss turns NaN."""
+
+    name = "poisoned_train"
+
+    def run(self, ir, ctx):
+        calls = [0]
+
+        def poison(module, inputs, output):
+            if module.training:
+                calls[0] += 1
+                if calls[0] == 8:
+                    return output * float("nan")
+            return output
+
+        handle = ir.gm.register_forward_hook(poison)
+        try:
+            train_model(ir.gm, ctx.data.train, ctx.train, ctx.device, ctx.generator("poison"),
+                        checkpoint=pass_checkpointer(ctx), desc="poisoned")
+        finally:
+            handle.remove()
+        return ir
+'''
+
+
+def test_nan_through_the_cli_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin = tmp_path / "poisoned.py"
+    plugin.write_text(POISONED_PLUGIN)
+    out = tmp_path / "out"
+    argv = [
+        "optimize",
+        "builtin:resnet",
+        "--model-opt",
+        "width=8",
+        "--plugin",
+        str(plugin),
+        "--passes",
+        "poisoned_train",
+        "--data",
+        "digits",
+        "--data-limit",
+        "200",  # 180 training images after the 10% validation split: 6 batches of 32
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert cli.main(argv) == 4
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "loss is nan at epoch 2, step 2" in error[0]
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
+    folder = out / "checkpoints" / "poisoned_train"
+    assert [p.name for p in sorted(folder.glob("ckpt-*.pt"))] == ["ckpt-000001.pt"]
+    state = torch.load(folder / "ckpt-000001.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(bool(torch.isfinite(v).all()) for v in state["model"].values())
