@@ -198,6 +198,8 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "darts_quick" if args.quick else "darts"
+    if args.orders != "1,2":
+        name += "_order" + args.orders.replace(",", "")
     (RESULTS / f"{name}.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n"
     )
@@ -241,7 +243,7 @@ def main() -> None:
         f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-ups; "
         f"peak RSS of each configuration's own process. Load average before {' '.join(load_before)}, "
         f"after {' '.join(load_after)} (shared machine).\n\n"
-        f"{table}\n\n`python bench/bench_darts.py{' --quick' if args.quick else ''}`\n"
+        f"{table}\n\n`python bench/bench_darts.py {' '.join(sys.argv[1:])}`\n"
     )
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
