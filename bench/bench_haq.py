@@ -366,8 +366,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("fxsculpt").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    for name in ("fxsculpt", "bench_haq"):  # the exporter's INFO chatter stays off
+        logging.getLogger(name).setLevel(logging.INFO)
     if not DATA.is_file():
         sys.exit(f"error: the CIFAR-10 subset is not at {DATA} (../shared/data next to the checkout)")
     torch.set_num_threads(args.threads)

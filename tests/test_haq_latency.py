@@ -70,7 +70,8 @@ def test_ort_cpu_like_table_keeps_int8_and_float_only() -> None:
     groups = layer_groups(ir)
     searched = [g for g in groups if g.main.name in names]
     others = [g for g in groups if g.main.name not in names and g.signature is not None]
-    other_ms = sum(1e-6 * _macs(g.signature) * 0.25 for g in others)  # other groups at 8-bit activations
+    # groups the search does not touch keep the bits they have: float here (no quantizers)
+    other_ms = sum(1e-6 * _macs(g.signature) * 1.0 for g in others)
     int8 = OVERHEAD + other_ms + sum(1e-6 * _macs(g.signature) * 0.25 for g in searched)
     flt = OVERHEAD + other_ms + sum(1e-6 * _macs(g.signature) * 1.0 for g in searched)
     assert model.uniform(8) == pytest.approx(int8)
@@ -88,3 +89,24 @@ def test_bitserial_like_table_keeps_every_level() -> None:
     model = latency_model(ir, ["_0", "_2", "_6"], levels, table)
     assert undominated_levels(model, levels).levels == list(range(2, 9))
     assert model.uniform(4) < model.uniform(8)
+
+
+def test_exact_latency_matches_the_bitserial_model_of_the_final_ir(tmp_path) -> None:
+    """Residual adds run quantized only when their inputs agree: the exact cost sees that, as the target does."""
+    import random
+
+    from hardware.bitserial import BitserialTarget
+    from hardware.latency_table import LatencyTable
+    from quant.haq.hardware_cost import ExactLatency
+    from quant.insert import insert_quantizers, layer_nodes
+    from zoo import BuiltinSpec, build_builtin
+
+    ir = IR.from_module(build_builtin("resnet", BuiltinSpec(in_channels=1, image_size=8)), (1, 1, 8, 8), 10)
+    insert_quantizers(ir, {n.name: 8 for n in layer_nodes(ir)}, act_bits=8)
+    layers = layer_nodes(ir)
+    exact = ExactLatency(ir, layers, LatencyTable(BitserialTarget(), cache_dir=tmp_path))
+    rng = random.Random(0)
+    for _ in range(3):
+        policy = [(rng.randint(2, 8), rng.randint(2, 8)) for _ in layers]
+        ms = exact(policy)
+        assert ms == pytest.approx(BitserialTarget().model_latency(ir, None).median_ms)

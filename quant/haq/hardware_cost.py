@@ -41,20 +41,20 @@ def bitops_model(layers: Sequence[LayerInfo], levels: BitLevels) -> CostModel:
 
 
 def latency_model(
-    float_ir: IR,
+    q_ir: IR,
     layer_names: Sequence[str],
     levels: BitLevels,
     table: LatencySource,
     canonical: Callable[[Any], Any] | None = None,
-    other_act_bits: Bits = 8,
 ) -> CostModel:
     """Per-layer latency from ``table`` on the float IR's kernel groups (HAQ §3.3, "hardware in the loop").
 
-    ``layer_names`` are the searched Conv/Linear node names of ``float_ir`` (a quantizer-free
-    IR with the same node names). A whole model pays the runtime's per-call overhead ``o``
+    ``layer_names`` are the searched Conv/Linear node names of ``q_ir``, the IR with its
+    quantizers in place, grouped exactly as the target sees the final model (so the bits of
+    the groups the search does not touch — adds, pools — are the ones the target will use). A whole model pays the runtime's per-call overhead ``o``
     once while each single-layer measurement includes it, so (as in
     :func:`hardware.latency_table.predict_model`) a layer costs ``max(t − o, 0)`` and the
-    fixed part is ``o`` plus every other group at ``other_act_bits``. ``canonical`` maps a
+    fixed part is ``o`` plus every other group as it stands. ``canonical`` maps a
     signature to the one the target actually measures (on ort-cpu every non-int8 pair runs
     the float kernel), so equivalent pairs share one table entry.
     """
@@ -62,7 +62,7 @@ def latency_model(
 
     canon = canonical or (lambda sig: sig)
     overhead = float(table.overhead_ms())
-    groups = layer_groups(float_ir)
+    groups = layer_groups(q_ir)
     by_main: dict[str, Any] = {}
     fixed = overhead
     wanted = set(layer_names)
@@ -72,7 +72,7 @@ def latency_model(
         if group.main.name in wanted:
             by_main[group.main.name] = group.signature
         else:
-            sig = canon(group.signature.with_bits(None, other_act_bits))
+            sig = canon(group.signature)
             fixed += max(float(table.lookup(sig, group.module, save=False)) - overhead, 0.0)
     missing = [n for n in layer_names if n not in by_main]
     if missing:
@@ -87,6 +87,42 @@ def latency_model(
     if callable(save):
         save()
     return model
+
+
+class ExactLatency:
+    """A policy's latency as the target sees the final model: set the bits on the IR, regroup, look up.
+
+    The additive table of :func:`latency_model` keeps the groups the search does not touch
+    fixed, but some of them depend on the policy too (a residual add runs on integer kernels
+    only when all its inputs share one bit-width, :func:`hardware.layers.layer_groups`). This
+    evaluation is exact for the table (about 10 ms for a MobileNet), so the search uses it to
+    finish the enforcement walk and to report every policy's cost.
+    """
+
+    def __init__(
+        self,
+        q_ir: IR,
+        layers: Sequence[fx.Node],
+        table: LatencySource,
+        canonical: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.q_ir, self.layers, self.table = q_ir, list(layers), table
+        self.canon = canonical or (lambda sig: sig)
+        self.lookups = 0
+
+    def __call__(self, policy: Sequence[tuple[Bits, Bits]]) -> float:
+        from hardware.layers import layer_groups
+        from quant.haq.env import apply_policy
+
+        apply_policy(self.q_ir, self.layers, list(policy))
+        overhead = float(self.table.overhead_ms())
+        total = overhead
+        for group in layer_groups(self.q_ir):
+            if group.signature is None:
+                continue
+            self.lookups += 1
+            total += max(float(self.table.lookup(self.canon(group.signature), group.module)) - overhead, 0.0)
+        return total
 
 
 def ort_cpu_canonical(sig: Any) -> Any:

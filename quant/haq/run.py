@@ -30,6 +30,7 @@ from quant.haq.ddpg import DDPGConfig
 from quant.haq.enforce import Policy
 from quant.haq.env import EnvSettings, QuantizeEnv
 from quant.haq.hardware_cost import (
+    ExactLatency,
     LatencySource,
     bitops_model,
     latency_model,
@@ -123,7 +124,7 @@ def build_cost(
         return bitops_model(infos, levels), levels
     table = table or default_latency_table(ctx.target, ctx.threads)
     canonical = ort_cpu_canonical if ctx.target == "ort-cpu" else None
-    model = latency_model(float_ir, [i.name for i in infos], levels, table, canonical)
+    model = latency_model(q_ir, [i.name for i in infos], levels, table, canonical)
     return model, undominated_levels(model, levels)
 
 
@@ -158,6 +159,7 @@ class HaqSetup:
     cost: CostModel
     budget: BudgetSpec
     original_accuracy: float
+    exact_cost: Callable[[Policy], float] | None = None
 
 
 def prepare_haq(
@@ -212,7 +214,12 @@ def prepare_haq(
         ctx.seed,
     )
     original = evaluate(float_ir.gm, ctx.data.val, 256, ctx.device)[1]
-    return HaqSetup(float_ir, env, states, levels, cost, budget, original)
+    exact = None
+    if metric == "latency":
+        table = latency_table or default_latency_table(ctx.target, ctx.threads)
+        canonical = ort_cpu_canonical if ctx.target == "ort-cpu" else None
+        exact = ExactLatency(q_ir, layers, table, canonical)
+    return HaqSetup(float_ir, env, states, levels, cost, budget, original, exact)
 
 
 def run_haq(
@@ -249,6 +256,7 @@ def run_haq(
         seed=ctx.seed,
         fixed_act_bits=fixed_act,
         on_episode=on_episode or _progress(ctx, opts.episodes),
+        exact_cost=setup.exact_cost,
     )
 
     # the best policy, fine-tuned on the whole training split, then frozen for export

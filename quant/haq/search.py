@@ -122,8 +122,14 @@ def haq_search(
     seed: int = 0,
     fixed_act_bits: Bits = 8,
     on_episode: Callable[[EpisodeRecord], None] | None = None,
+    exact_cost: Callable[[Policy], float] | None = None,
 ) -> SearchResult:
-    """Run ``episodes`` HAQ episodes and return the best policy (highest reward) and the curve."""
+    """Run ``episodes`` HAQ episodes and return the best policy (highest reward) and the curve.
+
+    ``exact_cost`` (optional) is a slower, exact evaluation of the same metric: enforcement
+    runs on the fast table ``cost`` first and then continues on ``exact_cost`` until it fits,
+    and the episode's cost is the exact one.
+    """
     if episodes < 1:
         raise ValueError("HAQ needs at least one episode")
     agent = DDPGAgent(states.dim, states.steps, config, seed=seed)
@@ -142,7 +148,18 @@ def haq_search(
             what=cost.metric,
             unit=cost.unit,
         )
-        policy_cost = cost(policy)
+        if exact_cost is not None:
+            policy, more = enforce(
+                policy,
+                exact_cost,
+                budget.limit,
+                levels,
+                lower_activations=cost.two_steps,
+                what=cost.metric,
+                unit=cost.unit,
+            )
+            steps += more
+        policy_cost = exact_cost(policy) if exact_cost is not None else cost(policy)
         t2 = time.perf_counter()
         outcome = evaluate(policy)
         t3 = time.perf_counter()
