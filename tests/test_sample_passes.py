@@ -20,7 +20,7 @@ from passes.pipeline import Pipeline
 from passes.registry import PassRegistry
 from training.data import load_data
 
-TINY = {"channels": "4", "layers": "3", "nodes": "2"}
+TINY = {"channels": "2", "layers": "3", "nodes": "2"}
 FAST = {
     "budget": "4",
     "warmup_steps": "2",
