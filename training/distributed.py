@@ -326,6 +326,19 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(p.data, src=src)
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics), as DDP does each forward.
+
+    For search loops that average gradients themselves: call it at an epoch's end, before the
+    model is checkpointed, pruned or evaluated, so every rank holds rank 0's statistics.
+    """
+    if active() is None:
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def max_rank_difference(params: Iterable[torch.Tensor]) -> float:
     """The largest absolute difference of ``params`` between this rank and rank 0 (0.0 alone)."""
     info = active()
