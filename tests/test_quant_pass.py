@@ -91,6 +91,7 @@ def test_unknown_keep_float_layer_is_a_clear_error(trained, tmp_path: Path) -> N
         Quantize(bits="9")
 
 
+@pytest.mark.slow
 def test_dfq_pass_meets_its_size_budget_and_exports(trained, tmp_path: Path) -> None:
     model, data = trained
     ir = IR.from_module(model, (1, 1, 8, 8), 10)
