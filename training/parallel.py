@@ -175,9 +175,10 @@ def map_in_order(
                 if isinstance(cause, BaseException):
                     raise cause from None
                 raise
-    except BaseException:
-        for ref in refs[len(results) :]:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)
+    except Exception:
+        # Let the other tasks finish before raising: cancelling them (ray.cancel) crashed the
+        # Ray 2.60 driver later ("Tried to complete task that was not pending").
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs))
         raise
     return results
