@@ -42,5 +42,5 @@ class HaqOptions:
     haq_final_lr: float = option(1e-3, "haq: learning rate of that final fine-tune")
     haq_latency_margin: float = option(
         0.0,
-        "haq: search for a latency budget this fraction tighter than asked (headroom for measurement noise)",
+        "haq: search under a latency budget this fraction tighter than asked (headroom: per-layer tables miss the float/int8 conversions of mixed policies)",
     )

@@ -193,11 +193,12 @@ def prepare_haq(
     states = StateSpace(infos, two_steps=metric != "size")
     cost, levels = build_cost(metric, float_ir, q_ir, infos, levels, ctx, latency_table)
     int8_fastest = ctx.target in INT8_FASTEST_TARGETS
-    if absolute is not None and metric == "latency" and opts.haq_latency_margin > 0:
-        absolute = absolute * (1.0 - opts.haq_latency_margin)
     budget = resolve_budget(
         cost, levels, ctx.target, absolute=absolute, ratio=ratio, int8_is_fastest=int8_fastest
     )
+    if metric == "latency" and opts.haq_latency_margin > 0:  # headroom: tables miss conversion costs
+        budget.limit *= 1.0 - opts.haq_latency_margin
+        budget.source += f", margin {opts.haq_latency_margin:g}"
 
     settings = EnvSettings(
         finetune_epochs=opts.haq_search_epochs,
