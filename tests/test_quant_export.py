@@ -15,6 +15,7 @@ from ir.graph import IR
 from quant import export as qe
 from quant import insert as qi
 from quant.modules import WeightQuantizer
+from training.loop import torch_threads
 
 
 class TinyNet(nn.Module):
@@ -38,7 +39,7 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(c), 1))
 
 
-def _cifar(path: Path, n_train: int = 2000, n_test: int = 400) -> tuple[TensorDataset, torch.Tensor]:
+def _cifar(path: Path, n_train: int = 2000, n_test: int | None = None) -> tuple[TensorDataset, torch.Tensor]:
     data = np.load(path)
     mean = np.array([0.49, 0.48, 0.45], dtype=np.float32)[None, :, None, None]
     std = np.array([0.25, 0.24, 0.26], dtype=np.float32)[None, :, None, None]
@@ -51,6 +52,12 @@ def _cifar(path: Path, n_train: int = 2000, n_test: int = 400) -> tuple[TensorDa
 
 
 def _trained(train: TensorDataset) -> nn.Module:
+    """A small CIFAR model, trained single-threaded so it is the same model under pytest-xdist."""
+    with torch_threads(1):
+        return _train_tiny(train)
+
+
+def _train_tiny(train: TensorDataset) -> nn.Module:
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
