@@ -7,6 +7,11 @@ computed once per edge for every ReLU-first candidate, and the weighted sum accu
 code does (every candidate including the zero op, each with its own ReLU): the benchmark's
 baseline.
 
+In channels-last (NHWC) search, the gradient reaching a mixed op can arrive as a channel slice
+of a concatenation's gradient, contiguous in neither layout; every candidate's backward would
+then run oneDNN's slow paths. The lean mixed op hands its candidates that gradient in its
+output's layout (:func:`grad_in_layout_of`).
+
 In the cell search space every normal (reduction) cell shares one α per edge position: the
 same ``nn.Parameter`` object is assigned to all of them (``tie_alpha``), so the optimizer sees
 each α once while every cell keeps its own weights.
@@ -22,7 +27,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ir.constructs import Choice
-from nas.darts.ops import ReluFirst
+from nas.darts.ops import ReluFirst, is_nhwc
+
+
+class _GradInLayout(torch.autograd.Function):
+    """Identity forward; backward makes the gradient contiguous in the forward value's layout."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.nhwc = is_nhwc(x)  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        if ctx.nhwc:  # type: ignore[attr-defined]
+            return grad.contiguous(memory_format=torch.channels_last)
+        return grad.contiguous()
+
+
+def grad_in_layout_of(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, except that the gradient flowing back through it takes ``x``'s memory layout."""
+    if not x.requires_grad:
+        return x
+    out: torch.Tensor = _GradInLayout.apply(x)  # type: ignore[no-untyped-call]
+    return out
 
 
 @dataclass(frozen=True)
@@ -83,4 +111,4 @@ class MixedOp(Choice):
             total = out * weights[i] if total is None else torch.addcmul(total, out, weights[i])
         if total is None:
             raise RuntimeError("a mixed op whose only candidate is 'none' has no output shape")
-        return total
+        return grad_in_layout_of(total)

@@ -9,13 +9,18 @@ pooling is followed by BatchNorm there (appendix A.1.1).
 Every op that starts with a ReLU derives from :class:`ReluFirst` and exposes ``body(relu_x)``,
 so a mixed op can compute ``relu(x)`` once per edge and feed it to all such candidates: the
 same result, one activation tensor saved for backward instead of four.
+
+The search variants of the dilated convolutions compute their depthwise stage by phase
+splitting while they train (:func:`dilated_depthwise`): oneDNN's backward kernels for dilated
+depthwise convolutions are several times slower on CPU than for undilated ones, and a
+dilation-2 convolution is exactly four undilated ones on the 2x2 sub-grids of its input.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 #: The candidate operations, in the DARTS code's order (index 0 is the zero op).
 PRIMITIVES: tuple[str, ...] = (
@@ -54,8 +59,59 @@ class ReLUConvBN(ReluFirst):
         return self.bn(self.conv(r))
 
 
+def is_nhwc(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an image batch stored channels-last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _phase_split_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether :func:`dilated_depthwise` can compute ``conv(x)`` by phase splitting."""
+    if isinstance(x, fx.Proxy) or x.dim() != 4:
+        return False
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    if conv.dilation != (2, 2) or conv.groups != conv.in_channels or kh != kw or kh % 2 == 0:
+        return False
+    if conv.padding != (kh - 1, kw - 1) or conv.padding_mode != "zeros" or (sh, sw) not in ((1, 1), (2, 2)):
+        return False
+    return sh == 2 or (x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
+
+
+def dilated_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a "same"-padded, dilation-2 depthwise conv, computed without dilation.
+
+    With padding p = k − 1, output row h reads input rows h·s + 2t − p (t = 0..k−1), all of the
+    parity of h·s. Stride 2 therefore reads only the even sub-grid: an undilated conv with
+    padding (k − 1)/2 on ``x[:, :, ::2, ::2]``. Stride 1 reads, for each output parity (a, b),
+    the input sub-grid of that parity: the four sub-grids are stacked along the batch, convolved
+    undilated, and interleaved back. Same values (up to float summation order), in the input's
+    memory layout. Anything else (odd sizes at stride 1, other dilations) runs ``conv`` itself.
+    """
+    if not _phase_split_applies(conv, x):
+        return conv(x)
+    half = (conv.kernel_size[0] - 1) // 2
+    if conv.stride == (2, 2):
+        return F.conv2d(x[:, :, ::2, ::2], conv.weight, conv.bias, 1, half, 1, conv.groups)
+    n, c, h, w = x.shape
+    if is_nhwc(x):
+        # NHWC: split and merge in the physical order, so each copy stays channels-last.
+        phases = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c).permute(2, 4, 0, 1, 3, 5)
+        stacked = phases.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
+        out = F.conv2d(stacked, conv.weight, conv.bias, 1, half, 1, conv.groups)
+        merged = out.permute(0, 2, 3, 1).reshape(2, 2, n, h // 2, w // 2, c).permute(2, 3, 0, 4, 1, 5)
+        return merged.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    phases = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(3, 5, 0, 1, 2, 4)
+    out = F.conv2d(phases.reshape(4 * n, c, h // 2, w // 2), conv.weight, conv.bias, 1, half, 1, conv.groups)
+    merged = out.reshape(2, 2, n, c, h // 2, w // 2).permute(2, 3, 4, 0, 5, 1)
+    return merged.reshape(n, c, h, w)
+
+
 class DilConv(ReluFirst):
-    """ReLU, depthwise (dilated) conv, pointwise conv, BatchNorm: ``dil_conv_*``."""
+    """ReLU, depthwise (dilated) conv, pointwise conv, BatchNorm: ``dil_conv_*``.
+
+    ``phase_split`` (the search variant) computes a dilated depthwise stage with
+    :func:`dilated_depthwise` while training with gradients on; evaluation, tracing and export
+    see the plain convolution.
+    """
 
     def __init__(
         self,
@@ -66,6 +122,7 @@ class DilConv(ReluFirst):
         padding: int,
         dilation: int,
         affine: bool = True,
+        phase_split: bool = False,
     ) -> None:
         super().__init__()
         self.depthwise = nn.Conv2d(
@@ -73,9 +130,14 @@ class DilConv(ReluFirst):
         )
         self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
+        self.phase_split = phase_split
 
     def body(self, r: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.pointwise(self.depthwise(r)))
+        if self.phase_split and self.training and torch.is_grad_enabled():
+            mid = dilated_depthwise(self.depthwise, r)
+        else:
+            mid = self.depthwise(r)
+        return self.bn(self.pointwise(mid))
 
 
 class SepConv(ReluFirst):
@@ -109,7 +171,9 @@ class FactorizedReduce(ReluFirst):
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def body(self, r: torch.Tensor) -> torch.Tensor:
-        shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+        # Slice, then pad: the same values as padding first, but the result keeps the input's
+        # memory layout (a padded-then-sliced NHWC tensor is contiguous in neither layout).
+        shifted = F.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
         return self.bn(torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1))
 
 
@@ -167,5 +231,5 @@ def build_op(name: str, c_in: int, c_out: int, stride: int, *, search: bool) -> 
         return SepConv(c_in, c_out, kernel, stride, kernel // 2, affine)
     if name.startswith("dil_conv_"):
         kernel = int(name[-1])
-        return DilConv(c_in, c_out, kernel, stride, kernel - 1, 2, affine)
+        return DilConv(c_in, c_out, kernel, stride, kernel - 1, 2, affine, phase_split=search)
     raise ValueError(f"unknown DARTS op '{name}' (known: {', '.join(PRIMITIVES)})")
