@@ -4,7 +4,8 @@ Two ways in, one mechanism. A graph that already holds mixed ops (``builtin:dart
 is searched as it is. Any other graph is first relaxed (:mod:`nas.darts.relax`): the nodes
 matching ``darts.pattern`` (convolutions by default) become mixed ops over the DARTS candidates
 that fit their shapes. The search is the paper's bi-level optimization (Algorithm 1), first
-order by default, second order with ``darts.order=2`` (eq. 7–8). Discretization (sec. 2.4)
+order by default, second order with ``darts.order=2`` (eq. 7–8), checkpointed after every
+epoch (``--resume OUT``) and data-parallel under torchrun. Discretization (sec. 2.4)
 then leaves a plain graph; for the cell space the genotype is written as ``genotype.json``
 (the DARTS code's format, readable by ``builtin:darts-eval --genotype``), together with plots
 of α over the epochs and of the discovered cells.
@@ -33,6 +34,7 @@ from nas.darts.relax import relax
 from nas.darts.search import SearchSettings, search
 from passes.base import Context, Pass
 from passes.options import option
+from training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -68,6 +70,9 @@ class DartsOptions:
         default_factory=lambda: list(PRIMITIVES),
     )
     plots: bool = option(True, "write darts_alphas.png and, for cells, darts_normal.png / darts_reduce.png")
+    channels_last: bool = option(
+        True, "search with NHWC tensors: about 2x faster convolutions and pooling on CPU, same values"
+    )
 
 
 @contextmanager
@@ -138,10 +143,19 @@ class Darts(Pass):
             arch_weight_decay=opts.arch_weight_decay,
             steps_per_epoch=opts.steps_per_epoch,
             progress=ctx.train.progress,
+            channels_last=opts.channels_last,
         )
         with torch_threads(ctx.threads):
             result = search(
-                ir.gm, weights, alphas, train_set, val_set, settings, ctx.device, ctx.generator("darts.data")
+                ir.gm,
+                weights,
+                alphas,
+                train_set,
+                val_set,
+                settings,
+                ctx.device,
+                ctx.generator("darts.data"),
+                checkpoint=pass_checkpointer(ctx),
             )
         genotype = genotype_of(ir)
         final_weights = {

@@ -302,19 +302,25 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
     backward does not go through a DDP wrapper: after it every rank holds the same gradient, so
     the same optimizer step keeps the parameters identical.
     """
+    average_tensors([p.grad for p in params if p.grad is not None])
+
+
+def average_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """All-reduce ``tensors`` in place to their mean over ranks, in one message (a no-op alone)."""
     info = active()
     if info is None:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    tensors = list(tensors)
+    if not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= info.world_size
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0) -> None:

@@ -18,6 +18,11 @@ tensors it needs (α alone for the three α-gradients), so each graph is freed a
 been differentiated and no weight gradient is computed that is not used. ``lean=False`` runs the
 DARTS code's way instead (a copied model for w', ``backward()`` into every ``.grad``): the
 benchmark's baseline.
+
+Under torchrun each rank holds a shard of every batch: each loss is scaled so that gradients
+averaged over the ranks are those of the global batch's mean loss, and every gradient the α
+step uses (the train gradient of the unrolled step, ∇_{w'} L_val, ∇_α L_val and the
+finite-difference HVP) is averaged before use, so all ranks take the same α step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from training import distributed
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -140,6 +147,15 @@ class Architect:
         self.epsilon_scale = epsilon_scale  # eq. 8: ε = 0.01 / ‖∇_{w'} L_val‖ in the paper
         self.last_hvp_norm: float | None = None
 
+    def _shard_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss on this rank's shard, scaled so that rank-averaged gradients are the global ones."""
+        return self.loss_fn(model, x, y) * distributed.local_loss_scale(len(y))
+
+    @staticmethod
+    def _averaged(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        distributed.average_tensors(grads)
+        return grads
+
     # -- the unrolled model (eq. 6) ----------------------------------------------------------
     def _unrolled_direction(self, train_grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """μ m + g + λ w for each weight: the step the weight optimizer would take (times lr)."""
@@ -166,7 +182,7 @@ class Architect:
         if not self.lean:
             return self._second_order_reference(x_train, y_train, x_val, y_val, xi)
         with frozen(self.alphas):
-            train_grads = _grads(self.loss_fn(self.model, x_train, y_train), self.weights)
+            train_grads = self._averaged(_grads(self._shard_loss(self.model, x_train, y_train), self.weights))
         direction = self._unrolled_direction(train_grads)
         del train_grads
         saved = [w.detach().clone() for w in self.weights]
@@ -175,7 +191,9 @@ class Architect:
                 for w, d in zip(self.weights, direction):
                     w.sub_(d, alpha=xi)
             del direction
-            grads = _grads(self.loss_fn(self.model, x_val, y_val), [*self.alphas, *self.weights])
+            grads = self._averaged(
+                _grads(self._shard_loss(self.model, x_val, y_val), [*self.alphas, *self.weights])
+            )
             dalpha, vector = grads[: len(self.alphas)], grads[len(self.alphas) :]
         finally:
             with torch.no_grad():
@@ -183,9 +201,16 @@ class Architect:
                     w.copy_(s)
         del saved
         hvp = finite_difference_hvp(
-            self.model, self.loss_fn, x_train, y_train, self.weights, self.alphas, vector, self.epsilon_scale
+            self.model,
+            self._shard_loss,
+            x_train,
+            y_train,
+            self.weights,
+            self.alphas,
+            vector,
+            self.epsilon_scale,
         )
-        return dalpha, hvp
+        return dalpha, self._averaged(hvp)
 
     def _second_order_reference(
         self,
@@ -261,7 +286,7 @@ class Architect:
         if self.order == 1:
             if self.lean:
                 with frozen(self.weights):
-                    return _grads(self.loss_fn(self.model, x_val, y_val), self.alphas)
+                    return self._averaged(_grads(self._shard_loss(self.model, x_val, y_val), self.alphas))
             for p in self.model.parameters():
                 p.grad = None
             self.loss_fn(self.model, x_val, y_val).backward()

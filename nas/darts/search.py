@@ -4,6 +4,17 @@ Each step first updates α on a validation batch (:class:`~nas.darts.architect.A
 the weights on a training batch. Defaults (sec. 3.1.1 / appendix A.1.1): weights by SGD, lr
 0.025 cosine-annealed per epoch to 0.001, momentum 0.9, weight decay 3e-4, gradient norm
 clipped at 5; α by Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3; 50 epochs, batch 64.
+
+Never losing work: with a :class:`~training.checkpoint.Checkpointer` the whole search state
+(weights and α, both optimizers, the data generator and every RNG, the history) is saved after
+each epoch, and a resumed search continues after the last saved epoch exactly as an uninterrupted
+one would on CPU. Under torchrun both splits are sharded per global batch
+(:mod:`training.distributed`) and every gradient, of the weights and of α, is averaged over the
+ranks before its step, so α and the weights stay identical on every rank.
+
+On CPU the search runs channels-last (NHWC) by default: oneDNN's depthwise and pooling kernels
+are about twice as fast in that layout, the values are the same up to float summation order,
+and the model is handed back in the ordinary layout.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ from tqdm import tqdm
 
 from ir.errors import BadInputError, RunFailedError
 from nas.darts.architect import Architect, frozen, unique_parameters
+from training import distributed
+from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
 
 
 @dataclass
@@ -41,6 +54,23 @@ class SearchSettings:
     steps_per_epoch: int = 0  # 0: as many as the smaller split allows
     progress: bool = False
     lean: bool = True
+    #: NHWC tensors during the search (faster oneDNN kernels on CPU); the model is returned NCHW.
+    channels_last: bool = False
+
+    def checkpoint_config(self, train_size: int, val_size: int) -> dict[str, Any]:
+        """The settings a saved search depends on: a resume with other values is refused."""
+        return {
+            "kind": "darts-search",
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "order": self.order,
+            "w_lr": self.w_lr,
+            "w_lr_min": self.w_lr_min,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_size": train_size,
+            "val_size": val_size,
+            "world_size": distributed.world_size(),
+        }
 
 
 @dataclass
@@ -60,15 +90,16 @@ def cosine_epoch_lr(base: float, minimum: float, epoch: int, epochs: int) -> flo
 
 
 def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator) -> DataLoader[Any]:
+    """Shuffled batches drawn from ``generator`` (this rank's shards of them under torchrun)."""
     n = len(dataset)  # type: ignore[arg-type]
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        drop_last=n > batch_size,
-        num_workers=0,
-    )
+    return distributed.shuffled_loader(dataset, batch_size, generator, drop_last=n > batch_size)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An image batch in the search's memory layout."""
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def snapshot(alphas: Sequence[nn.Parameter]) -> list[list[float]]:
@@ -96,9 +127,17 @@ def weight_step(
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
         value = float(loss.detach())
+        if distributed.active() is not None:
+            # The global mean loss on every rank (and the same NaN); the scaled local loss makes
+            # the averaged gradient that of the global batch.
+            totals = torch.tensor([value * len(y), float(len(y))], dtype=torch.float64)
+            distributed.all_reduce_sum(totals)
+            value = float(totals[0] / totals[1])
+            loss = loss * distributed.local_loss_scale(len(y))
         if not math.isfinite(value):
             return logits.detach(), value
         loss.backward()
+        distributed.average_gradients(weights)
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(weights, grad_clip)
         optimizer.step()
@@ -131,6 +170,13 @@ def make_optimizers(
     return optimizer, architect
 
 
+def _global_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(correct, seen) of this step over every rank's shard."""
+    counts = torch.tensor([float((logits.argmax(dim=1) == y).sum()), float(len(y))], dtype=torch.float64)
+    distributed.all_reduce_sum(counts)
+    return int(counts[0]), int(counts[1])
+
+
 def search(
     model: nn.Module,
     weights: Sequence[nn.Parameter],
@@ -141,69 +187,135 @@ def search(
     device: torch.device,
     generator: torch.Generator,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> SearchResult:
-    """Run the bi-level search in place on ``model``; returns what the reports and plots need."""
-    if len(train_set) == 0 or len(val_set) == 0:  # type: ignore[arg-type]
+    """Run the bi-level search in place on ``model``; returns what the reports and plots need.
+
+    With ``checkpoint`` the state is saved after every epoch (never once it stopped being
+    finite, so a diverged search keeps its last good checkpoint), and a resuming checkpointer
+    continues after the last saved epoch; ``on_epoch`` is called for the epochs run in this call.
+    """
+    n_train, n_val = len(train_set), len(val_set)  # type: ignore[arg-type]
+    if n_train == 0 or n_val == 0:
         raise BadInputError("DARTS needs non-empty training and validation splits")
     weights = unique_parameters(weights)
     alphas = unique_parameters(alphas)
     if not alphas:
         raise BadInputError("the model has no architecture parameters to search")
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    distributed.broadcast_parameters([*weights, *alphas])
     model.train()
     optimizer, architect = make_optimizers(model, weights, alphas, settings)
     result = SearchResult(alpha_history=[snapshot(alphas)])
     train_loader = _loader(train_set, settings.batch_size, generator)
     val_loader = _loader(val_set, settings.batch_size, generator)
-    for epoch in range(settings.epochs):
-        lr = cosine_epoch_lr(settings.w_lr, settings.w_lr_min, epoch, settings.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        steps = min(len(train_loader), len(val_loader))
-        if settings.steps_per_epoch > 0:
-            steps = min(steps, settings.steps_per_epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            total=steps,
-            desc=f"darts {epoch + 1}/{settings.epochs}",
-            unit="step",
-            file=sys.stderr,
-            disable=not settings.progress,
-            leave=False,
-            dynamic_ncols=True,
+    config = settings.checkpoint_config(n_train, n_val)
+    first_epoch = 0
+    saved = checkpoint.load_latest(config) if checkpoint is not None else None
+    if saved is not None:
+        extra = restore_training_state(
+            saved,
+            modules={"model": model},
+            optimizers={"weights": optimizer, "alpha": architect.optimizer},
+            generators={"data": generator},
         )
-        for step, ((x_t, y_t), (x_v, y_v)) in enumerate(zip(train_loader, val_loader)):
-            if step >= steps:
-                break
-            x_t, y_t, x_v, y_v = x_t.to(device), y_t.to(device), x_v.to(device), y_v.to(device)
-            architect.step(x_t, y_t, x_v, y_v, xi=lr)
-            logits, value = weight_step(
-                model, optimizer, weights, alphas, x_t, y_t, settings.grad_clip, settings.lean
+        first_epoch = int(extra["epoch"])
+        result.history = [dict(h) for h in extra["history"]]
+        result.alpha_history = [[list(w) for w in epoch] for epoch in extra["alpha_history"]]
+    try:
+        for epoch in range(first_epoch, settings.epochs):
+            stats = _search_epoch(
+                model,
+                optimizer,
+                architect,
+                weights,
+                alphas,
+                train_loader,
+                val_loader,
+                settings,
+                epoch,
+                device,
             )
-            if not math.isfinite(value):
-                bar.close()
-                raise RunFailedError(
-                    f"DARTS search diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lower darts.w_lr, now {lr:.3g})"
+            distributed.broadcast_buffers(model)
+            result.history.append(stats)
+            result.alpha_history.append(snapshot(alphas))
+            if checkpoint is not None and all_finite(model):
+                state = training_state(
+                    modules={"model": model},
+                    optimizers={"weights": optimizer, "alpha": architect.optimizer},
+                    generators={"data": generator},
+                    epoch=epoch + 1,
+                    history=result.history,
+                    alpha_history=result.alpha_history,
                 )
-            batch = int(y_t.shape[0])
-            loss_sum += value * batch
-            correct += int((logits.detach().argmax(dim=1) == y_t).sum())
-            seen += batch
-            bar.update(1)
-            if settings.progress:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        bar.close()
-        stats = {
-            "epoch": float(epoch + 1),
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "lr": lr,
-            "steps": float(seen and steps),
-        }
-        result.history.append(stats)
-        result.alpha_history.append(snapshot(alphas))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, stats)
-    optimizer.zero_grad(set_to_none=True)
+                checkpoint.save(epoch + 1, {**state, "config": config})
+            if on_epoch is not None:
+                on_epoch(epoch + 1, stats)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if settings.channels_last:
+            model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return result
+
+
+def _search_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.SGD,
+    architect: Architect,
+    weights: Sequence[nn.Parameter],
+    alphas: Sequence[nn.Parameter],
+    train_loader: DataLoader[Any],
+    val_loader: DataLoader[Any],
+    settings: SearchSettings,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One epoch of Algorithm 1: for each pair of batches an α step, then a weight step."""
+    lr = cosine_epoch_lr(settings.w_lr, settings.w_lr_min, epoch, settings.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    steps = min(len(train_loader), len(val_loader))
+    if settings.steps_per_epoch > 0:
+        steps = min(steps, settings.steps_per_epoch)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        total=steps,
+        desc=f"darts {epoch + 1}/{settings.epochs}",
+        unit="step",
+        file=sys.stderr,
+        disable=not (settings.progress and distributed.is_main_process()),
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for step, ((x_t, y_t), (x_v, y_v)) in enumerate(zip(train_loader, val_loader)):
+        if step >= steps:
+            break
+        x_t, x_v = (_layout(x.to(device), settings.channels_last) for x in (x_t, x_v))
+        y_t, y_v = y_t.to(device), y_v.to(device)
+        architect.step(x_t, y_t, x_v, y_v, xi=lr)
+        logits, value = weight_step(
+            model, optimizer, weights, alphas, x_t, y_t, settings.grad_clip, settings.lean
+        )
+        if not math.isfinite(value):
+            bar.close()
+            raise RunFailedError(
+                f"DARTS search diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                f"(lower darts.w_lr, now {lr:.3g})"
+            )
+        hits, batch = _global_hits(logits, y_t)
+        loss_sum += value * batch
+        correct += hits
+        seen += batch
+        bar.update(1)
+        if bar.disable is False:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    bar.close()
+    return {
+        "epoch": float(epoch + 1),
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "lr": lr,
+        "steps": float(seen and steps),
+    }
