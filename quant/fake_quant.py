@@ -90,3 +90,51 @@ def activation_fake_quant(x: torch.Tensor, scale: float, bits: int, signed: bool
     if bits < 8:
         x = torch.clamp(x, lo * scale, hi * scale)
     return fake_quant_per_tensor(x, scale, zero_point, 0, 255)
+
+
+#: Largest int32 bias code kept: below 2^31 and exact in float32, since ONNX Runtime computes the
+#: code in float32 and casts it to int32 (a float at or above 2^31 would overflow the cast).
+BIAS_CODE_LIMIT = 2**31 - 2**7
+#: Headroom for :func:`bias_safe_weight_scale`: a bias needs at most 2^30 steps of its grid.
+BIAS_CODE_HEADROOM = 2**30
+
+
+def bias_step(input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The int32 bias grid ``s_x · s_w[c]`` of a quantized Conv/Gemm, one step per output channel.
+
+    Integer kernels add the bias to the int32 accumulator, so it is stored with the accumulator's
+    scale and zero point 0 (Jacob et al., CVPR 2018, §2.4). Computed in float32, product of the two
+    float32 scales, exactly as ONNX Runtime's ``WeightBiasQuantization`` transformer computes it.
+    """
+    return torch.tensor(float(input_scale), dtype=torch.float32) * weight_scale.detach().to(torch.float32)
+
+
+def snap_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``bias`` rounded onto its int32 grid: ``clamp(round(b / step)) · step`` (round half to even).
+
+    ONNX Runtime rewrites a float bias of a Conv/Gemm whose input and weight are dequantized into
+    ``DequantizeLinear(Cast<int32>(Round(b / (s_x · s_w))), s_x · s_w)`` before it fuses the
+    layer, so the file computes with this rounded bias. Its rounding error is up to half a step,
+    ``s_x · s_w / 2``, which at 2 to 4 bits (large ``s_w``) moves outputs by a sizeable fraction
+    of their own quantization step. A bias already on the grid is left exactly as it is by
+    ONNX Runtime's rewrite (``b / step`` is then an integer to within an ulp), so after this
+    PyTorch and ONNX Runtime add the same bias.
+    """
+    step = bias_step(input_scale, weight_scale)
+    codes = torch.round(bias.detach().to(torch.float32) / step).clamp(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT)
+    return (codes * step).to(bias.dtype)
+
+
+def bias_safe_weight_scale(
+    weight_scale: torch.Tensor, bias: torch.Tensor | None, input_scale: float | None
+) -> torch.Tensor:
+    """Raise a channel's weight scale where its bias would not fit the int32 grid ``s_x · s_w``.
+
+    The floor is ``|b| / (s_x · 2^30)`` (1e-7 for ``b = 1``, ``s_x = 0.01``), so only channels whose
+    weights are (nearly) all zero are affected: with the minimal scale :data:`EPS` such a bias would
+    need ~10^13 steps, far beyond int32, and ONNX Runtime's float-to-int32 cast would overflow.
+    """
+    if bias is None or input_scale is None:
+        return weight_scale
+    floor = bias.detach().abs().to(weight_scale.dtype) / (float(input_scale) * BIAS_CODE_HEADROOM)
+    return torch.maximum(weight_scale, floor)

@@ -344,9 +344,18 @@ def calibrate(
 
 
 def freeze(ir: IR) -> None:
-    """Snap every quantized weight onto its grid (the exported form) and refresh the metadata."""
-    for module in weight_quantizers(ir).values():
-        module.freeze()
+    """Snap every quantized weight onto its grid (the exported form) and refresh the metadata.
+
+    Each layer's bias goes onto the int32 grid of its input scale times its weight scales, as the
+    integer kernels (and ONNX Runtime's rewrite of a float bias) have it, so that the exported file
+    computes what the PyTorch model does (:meth:`WeightQuantizer.freeze`). Calibrate first: the
+    grid depends on the input's activation scale.
+    """
+    for name, module in weight_quantizers(ir).items():
+        node = next(n for n in ir.gm.graph.nodes if n.name == name)
+        source = input_quantizer(ir, node)
+        input_scale = source.scale if source is not None and source.bits is not None else None
+        module.freeze(input_scale)
     update_meta(ir)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,9 @@ def trained(request: pytest.FixtureRequest) -> tuple[nn.Module, TensorDataset, t
 
 
 def _quantized(model: nn.Module, train: TensorDataset, bits: dict[str, int | None]) -> IR:
-    ir = IR.from_module(model, (1, 3, 32, 32), 10)
+    # A traced IR shares its parameters with ``model`` and freezing writes them, so quantize a copy:
+    # otherwise each test would quantize what the tests before it left behind.
+    ir = IR.from_module(copy.deepcopy(model), (1, 3, 32, 32), 10)
     qi.insert_quantizers(ir, bits, act_bits=8, quantize_output=True)  # the fc runs as QGemm
     qi.calibrate(ir, [train.tensors[0][i : i + 128] for i in range(0, 512, 128)])
     qi.freeze(ir)
@@ -128,9 +132,10 @@ def test_mixed_export_int4_and_container_bits(trained, tmp_path: Path) -> None:
     assert counts["Conv"] == 1  # conv2: ONNX Runtime has no int4 conv, it dequantizes
     result = qe.parity(ir.gm, path, [test[i : i + 100] for i in range(0, len(test), 100)])
     print(f"mixed parity: agreement {result['agreement']:.4f}, max abs diff {result['max_abs_diff']:.3g}")
-    # Measured 98.5% on the whole split: below the issue's 99% target (tracked by the strict xfail
-    # below); this guards against regressions from where it stands.
-    assert result["agreement"] >= 0.98
+    # Measured 100% (max abs diff 0) on the whole split since freezing puts each bias on the int32
+    # grid ONNX Runtime rounds it to; before, 99.3% (98.5% on the model an earlier test had frozen in
+    # place): ONNX Runtime's rounding of the bias flipped near-ties.
+    assert result["agreement"] >= 0.99
     # the size counts the real bits: hand count of weights, bias and scales
     expected_bits = (
         8 * 16 * 27
@@ -152,7 +157,7 @@ def test_mixed_export_int4_and_container_bits(trained, tmp_path: Path) -> None:
 
 def test_keep_float_leaves_the_layer_in_float(trained, tmp_path: Path) -> None:
     model, train, test = trained
-    ir = IR.from_module(model, (1, 3, 32, 32), 10)
+    ir = IR.from_module(copy.deepcopy(model), (1, 3, 32, 32), 10)
     keep = qi.resolve_layer_names(ir, ["conv3"])
     qi.insert_quantizers(ir, {"conv1": 8, "conv2": 8, "fc": 8}, keep_float=keep)
     assert isinstance(ir.gm.get_submodule("conv3"), nn.Conv2d)
@@ -170,14 +175,96 @@ def test_keep_float_leaves_the_layer_in_float(trained, tmp_path: Path) -> None:
         qi.resolve_layer_names(ir, ["no_such_layer"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 4): mixed 8/4/2-bit parity with ONNX Runtime is 98.5% on the whole test "
-    "split, under the 99% target (int8 alone agrees 100%); the cause is not yet found",
-)
 def test_mixed_export_reaches_the_issue_parity_target(trained, tmp_path: Path) -> None:
+    """Issue 4: ≥ 99% top-1 agreement between PyTorch and ONNX Runtime, 8/4/2-bit, whole test split."""
     model, train, test = trained
     ir = _quantized(model, train, {"conv1": 8, "conv2": 4, "conv3": 2, "fc": 8})
     path = qe.export_quantized(ir.gm, test[:2], tmp_path / "mixed.onnx")
     result = qe.parity(ir.gm, path, [test[i : i + 100] for i in range(0, len(test), 100)])
+    print(f"mixed parity: agreement {result['agreement']:.4f}, max abs diff {result['max_abs_diff']:.3g}")
+    assert result["samples"] == len(test)
     assert result["agreement"] >= 0.99
+    # Measured 100%; before the biases were snapped this model agreed 99.3% (98.5% when it was the
+    # model the earlier tests had frozen in place). What can still differ is the float rounding of
+    # values within ~1e-5 of a tie, a few codes in millions, far from 0.5% of the samples.
+    assert result["agreement"] >= 0.995
+
+
+def _ort_biases(path: Path) -> list[np.ndarray]:
+    """The float bias of every Conv/Gemm in the graph ONNX Runtime runs, from its own int32 rewrite.
+
+    ONNX Runtime quantizes a float bias to int32 at ``input_scale · weight_scale``; the fused kernels
+    keep the int32 codes and the two scales, a float Conv a ``DequantizeLinear`` of the codes.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        qe.session(path, 1, out)
+        graph = onnx.load(str(out)).graph
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    biases = []
+    for node in graph.node:
+        ins = list(node.input)
+        if node.op_type == "QLinearConv" and len(ins) == 9:  # x, xs, xz, w, ws, wz, ys, yz, bias
+            scale = init[ins[1]].astype(np.float32) * init[ins[4]].astype(np.float32)
+            biases.append(init[ins[8]].astype(np.float32) * scale)
+        elif node.op_type == "QGemm" and len(ins) >= 7 and ins[6]:  # a, as, az, b, bs, bz, c, ...
+            scale = init[ins[1]].astype(np.float32) * init[ins[4]].astype(np.float32)
+            biases.append(init[ins[6]].astype(np.float32) * scale)
+        elif node.op_type == "DequantizeLinear" and init.get(ins[0], np.zeros(0, np.int8)).dtype == np.int32:
+            biases.append(init[ins[0]].astype(np.float32) * init[ins[1]].astype(np.float32))
+    return biases
+
+
+def test_frozen_bias_is_the_int32_bias_onnx_runtime_adds(trained, tmp_path: Path) -> None:
+    """The cause of the mixed-precision gap: ONNX Runtime rounds each bias to int32 at s_x · s_w.
+
+    At 2 and 4 bits s_w is coarse, so that rounding moved outputs by up to ~2% of a step and flipped
+    near-ties. After freezing, every PyTorch bias is on that grid (checked in NumPy) and equals,
+    bit for bit, one of the biases in ONNX Runtime's optimized graph.
+    """
+    model, train, test = trained
+    ir = _quantized(model, train, {"conv1": 8, "conv2": 4, "conv3": 2, "fc": 8})
+    path = qe.export_quantized(ir.gm, test[:2], tmp_path / "mixed.onnx")
+    ort_biases = _ort_biases(path)
+    assert len(ort_biases) == 4  # QLinearConv ×2, the INT4 conv's DequantizeLinear, QGemm
+    for node in qi.layer_nodes(ir):
+        wq = ir.gm.get_submodule(str(node.target))
+        source = qi.input_quantizer(ir, node)
+        assert isinstance(wq, WeightQuantizer) and source is not None
+        bias = wq.layer.bias.detach().numpy()
+        codes = bias / (np.float32(source.scale) * wq.scale.numpy().astype(np.float32))
+        np.testing.assert_allclose(codes, np.round(codes), rtol=0, atol=1e-3)
+        assert sum(b.shape == bias.shape and np.array_equal(b, bias) for b in ort_biases) == 1, node.name
+
+
+class DeadChannelNet(nn.Module):
+    """conv (channel 0: zero weights, bias 0.5) → relu → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
+
+
+def test_a_dead_channel_keeps_its_bias_in_onnx_runtime(tmp_path: Path) -> None:
+    """With the minimal weight scale (1e-12) ONNX Runtime's int32 bias code overflowed: 39% agreement."""
+    torch.manual_seed(0)
+    model = DeadChannelNet().eval()
+    with torch.no_grad():
+        model.conv.weight[0] = 0.0
+        model.conv.bias[0] = 0.5
+    ir = IR.from_module(model, (1, 3, 8, 8), 5)
+    qi.insert_quantizers(ir, {"conv": 8, "fc": 8}, act_bits=8)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qi.calibrate(ir, [x])
+    qi.freeze(ir)
+    assert float(ir.gm.get_submodule("conv").layer.bias[0].detach()) == pytest.approx(0.5, rel=1e-6)
+    path = qe.export_quantized(ir.gm, x[:2], tmp_path / "dead.onnx")
+    sess = qe.session(path)
+    with torch.no_grad():
+        expected = ir.gm(x).numpy()
+    np.testing.assert_allclose(qe.run_session(sess, x), expected, rtol=0, atol=1e-4)

@@ -87,6 +87,41 @@ def test_act_quantizer_observes_then_quantizes() -> None:
     np.testing.assert_allclose(q(x).numpy(), expected, atol=1e-6)
 
 
+def test_snap_bias_matches_numpy_int32_rounding() -> None:
+    """Reference: ONNX Runtime's float32 ``Round(b / (s_x · s_w))`` times ``s_x · s_w``, in NumPy."""
+    rng = np.random.default_rng(7)
+    bias = rng.normal(scale=0.3, size=12).astype(np.float32)
+    s_w = (rng.uniform(0.002, 0.4, size=12)).astype(np.float32)  # 8-bit to 2-bit sized steps
+    s_x = 0.0314202776
+    step = np.float32(s_x) * s_w
+    expected = np.round(bias / step) * step
+    got = fq.snap_bias(torch.from_numpy(bias), s_x, torch.from_numpy(s_w)).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert np.all(np.abs(got - bias) <= step / 2 * (1 + 1e-6))
+    # snapping is idempotent: ONNX Runtime's own rounding leaves a snapped bias unchanged
+    again = fq.snap_bias(torch.from_numpy(got), s_x, torch.from_numpy(s_w)).numpy()
+    np.testing.assert_array_equal(again, got)
+
+
+def test_freeze_puts_the_bias_on_the_input_times_weight_grid() -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight[1] = 0.0  # a dead channel: its scale must still give its bias room in int32
+        conv.bias.copy_(torch.tensor([0.3, 0.5, -0.2, 0.01]))
+    wq = WeightQuantizer(conv, bits=2)
+    wq.freeze(input_scale=0.02)
+    step = np.float32(0.02) * wq.scale.numpy()
+    codes = conv.bias.detach().numpy() / step
+    np.testing.assert_allclose(codes, np.round(codes), rtol=0, atol=1e-3)
+    assert np.all(np.abs(codes) < 2**31)
+    # the dead channel keeps its bias (to float32 precision), instead of a saturated int32 code
+    assert float(conv.bias[1].detach()) == pytest.approx(0.5, rel=1e-6)
+    # every other bias moved by at most half a step
+    moved = np.abs(conv.bias.detach().numpy() - np.array([0.3, 0.5, -0.2, 0.01], dtype=np.float32))
+    assert np.all(moved <= step / 2 * (1 + 1e-6))
+
+
 def test_bad_bits_are_refused() -> None:
     for bits in (1, 9, 16):
         with pytest.raises(ValueError):
