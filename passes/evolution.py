@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ir.errors import BadInputError
+from nas.sample.checkpointing import SearchCheckpoint
 from nas.sample.encoding import SearchSpace
 from nas.sample.evaluator import CandidateEvaluator
 from nas.sample.evolution import regularized_evolution
@@ -23,6 +24,11 @@ class EvolutionOptions(SampleSearchOptions):
         10, "population size P (paper: 100 for 20,000 evaluations; scaled to small budgets)"
     )
     sample: int = option(3, "tournament size S (paper: 25 of P = 100)")
+    children: int = option(
+        1,
+        "children bred per cycle from one population and evaluated together (in parallel with "
+        "--workers), the oldest as many removed; 1 is the paper's sequential Algorithm 1",
+    )
 
 
 class Evolution(SampleSearchPass):
@@ -31,9 +37,26 @@ class Evolution(SampleSearchPass):
     name = "evolution"
     Options = EvolutionOptions
 
-    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
+    def search(
+        self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context, checkpoint: SearchCheckpoint
+    ) -> dict[str, Any]:
         opts: EvolutionOptions = self.options
-        if opts.population < 2 or not 1 <= opts.sample <= opts.population:
-            raise BadInputError("evolution needs population >= 2 and 1 <= sample <= population")
-        regularized_evolution(space, evaluator, self.rng(ctx), opts.population, opts.sample)
-        return {"population": opts.population, "sample": opts.sample, "proposals": evaluator.proposals}
+        if opts.population < 2 or not 1 <= opts.sample <= opts.population or opts.children < 1:
+            raise BadInputError(
+                "evolution needs population >= 2, 1 <= sample <= population and children >= 1"
+            )
+        regularized_evolution(
+            space,
+            evaluator,
+            self.rng(ctx),
+            opts.population,
+            opts.sample,
+            children=opts.children,
+            checkpoint=checkpoint,
+        )
+        return {
+            "population": opts.population,
+            "sample": opts.sample,
+            "children": opts.children,
+            "proposals": evaluator.proposals,
+        }

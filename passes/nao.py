@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nas.sample.checkpointing import SearchCheckpoint
 from nas.sample.encoding import SearchSpace
 from nas.sample.evaluator import CandidateEvaluator
 from nas.sample.nao import NAOSettings, nao_search
@@ -20,7 +21,11 @@ from passes.sample_search import SampleSearchOptions, SampleSearchPass
 @dataclass
 class NaoOptions(SampleSearchOptions):
     seed_archs: int = option(0, "initial random pool (0: a third of the budget, at least 2)")
-    new_archs: int = option(0, "new candidates decoded per iteration (0: a sixth of the budget, at least 1)")
+    new_archs: int = option(
+        0,
+        "new candidates decoded per iteration, evaluated together (in parallel with --workers; "
+        "0: a sixth of the budget, at least 1)",
+    )
     controller_epochs: int = option(
         1000, "epochs of encoder-predictor-decoder training per iteration (official: 1000)"
     )
@@ -36,7 +41,9 @@ class Nao(SampleSearchPass):
     name = "nao"
     Options = NaoOptions
 
-    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
+    def search(
+        self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context, checkpoint: SearchCheckpoint
+    ) -> dict[str, Any]:
         opts: NaoOptions = self.options
         settings = NAOSettings(
             epochs=opts.controller_epochs,
@@ -47,4 +54,4 @@ class Nao(SampleSearchPass):
             seed_archs=opts.seed_archs,
             new_archs=opts.new_archs,
         )
-        return nao_search(space, evaluator, ctx.generator("nao.controller"), settings)
+        return nao_search(space, evaluator, ctx.generator("nao.controller"), settings, checkpoint=checkpoint)

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from ir.errors import BadInputError
+from nas.sample.checkpointing import SearchCheckpoint
 from nas.sample.encoding import SearchSpace
 from nas.sample.evaluator import CandidateEvaluator
 from nas.sample.random_search import random_search
 from passes.base import Context
-from passes.sample_search import SampleSearchPass
+from passes.options import option
+from passes.sample_search import SampleSearchOptions, SampleSearchPass
+
+
+@dataclass
+class RandomOptions(SampleSearchOptions):
+    per_step: int = option(
+        1, "architectures drawn per step and evaluated together (in parallel with --workers)"
+    )
 
 
 class RandomSearch(SampleSearchPass):
     """Random search: cells drawn uniformly from the grammar, the same budget as every other method."""
 
     name = "random"
+    Options = RandomOptions
 
-    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
-        random_search(space, evaluator, self.rng(ctx))
+    def search(
+        self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context, checkpoint: SearchCheckpoint
+    ) -> dict[str, Any]:
+        opts: RandomOptions = self.options
+        if opts.per_step < 1:
+            raise BadInputError(f"random.per_step must be at least 1, got {opts.per_step}")
+        random_search(space, evaluator, self.rng(ctx), per_step=opts.per_step, checkpoint=checkpoint)
         return {"proposals": evaluator.proposals}

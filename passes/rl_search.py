@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nas.sample.checkpointing import SearchCheckpoint
 from nas.sample.encoding import SearchSpace
 from nas.sample.evaluator import CandidateEvaluator
 from nas.sample.rl import ControllerSettings, reinforce_search
@@ -23,7 +24,11 @@ class RlOptions(SampleSearchOptions):
     entropy_weight: float = option(1e-4, "entropy bonus added to the reward (ENAS: 1e-4)")
     baseline_decay: float = option(0.99, "moving-average baseline decay (ENAS: 0.99)")
     controller_lr: float = option(3.5e-3, "controller Adam learning rate (ENAS: 3.5e-3)")
-    aggregate: int = option(1, "samples per controller update (ENAS: 10 on its far larger budget)")
+    aggregate: int = option(
+        1,
+        "samples per controller update, evaluated together (in parallel with --workers; "
+        "ENAS: 10 on its far larger budget)",
+    )
 
 
 class RlSearch(SampleSearchPass):
@@ -32,7 +37,9 @@ class RlSearch(SampleSearchPass):
     name = "rl"
     Options = RlOptions
 
-    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
+    def search(
+        self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context, checkpoint: SearchCheckpoint
+    ) -> dict[str, Any]:
         opts: RlOptions = self.options
         settings = ControllerSettings(
             lstm_size=opts.lstm_size,
@@ -42,5 +49,5 @@ class RlSearch(SampleSearchPass):
             lr=opts.controller_lr,
             aggregate=max(1, opts.aggregate),
         )
-        reinforce_search(space, evaluator, ctx.generator("rl.controller"), settings)
+        reinforce_search(space, evaluator, ctx.generator("rl.controller"), settings, checkpoint=checkpoint)
         return {"proposals": evaluator.proposals}

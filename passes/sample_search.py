@@ -8,6 +8,12 @@ format, readable by ``builtin:darts-eval --genotype``), ``history.json`` and ``s
 and returns the derived network of the best genotype (a plain graph, trained for
 ``--epochs`` unless ``PASS.final_epochs`` says otherwise) for the exporter.
 
+Scale out and resume (issue 9): with ``--workers N`` the new candidates of each batch a method
+proposes are scored as Ray tasks (:class:`~nas.sample.workers.ScoringWorkers`), with the same
+result as one worker; the search saves its whole state at every batch boundary into
+``OUT/checkpoints/<pass>/search`` and the final training every epoch into ``.../final``
+(:mod:`nas.sample.checkpointing`), and ``--resume OUT`` continues where a killed run stopped.
+
 :class:`SampleSearchPass` has no ``name``, so the registry does not list it; the concrete
 passes in ``passes/nao.py``, ``passes/rl_search.py``, ``passes/evolution.py`` and
 ``passes/random_search.py`` only add their method's options and call their method.
@@ -15,6 +21,8 @@ passes in ``passes/nao.py``, ``passes/rl_search.py``, ``passes/evolution.py`` an
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import random
 import time
@@ -27,6 +35,7 @@ from torch import nn
 
 from ir.errors import BadInputError
 from ir.graph import IR
+from nas.sample.checkpointing import SearchCheckpoint
 from nas.sample.encoding import Arch, SearchSpace, genotype_to_json
 from nas.sample.evaluator import (
     Backend,
@@ -35,8 +44,10 @@ from nas.sample.evaluator import (
     WeightSharingBackend,
     threads,
 )
+from nas.sample.workers import ScoringWorkers
 from passes.base import Context, Pass, TrainSettings
 from passes.options import option
+from training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -130,8 +141,12 @@ def make_evaluator(
     train: TrainSettings,
     device: torch.device,
     seed: int,
+    workers: ScoringWorkers | None = None,
 ) -> CandidateEvaluator:
-    """The evaluator the options ask for, over ``data.train`` (training) and ``data.val`` (scores)."""
+    """The evaluator the options ask for, over ``data.train`` (training) and ``data.val`` (scores).
+
+    ``workers`` says where batches of new candidates are scored (default: in this process).
+    """
     if opts.budget < 1:
         raise BadInputError(f"the search budget must be at least 1 evaluation, got {opts.budget}")
     if len(data.val) == 0:
@@ -160,7 +175,7 @@ def make_evaluator(
     else:
         backend = ShortTrainingBackend(
             shape.space,
-            lambda arch: derived_network(shape, arch),
+            functools.partial(derived_network, shape),  # picklable: travels to Ray workers
             data.train,
             data.val,
             epochs=opts.short_epochs,
@@ -170,7 +185,7 @@ def make_evaluator(
             device=device,
             seed=seed,
         )
-    return CandidateEvaluator(shape.space, backend, opts.budget)
+    return CandidateEvaluator(shape.space, backend, opts.budget, workers=workers or ScoringWorkers())
 
 
 def plot_history(curves: dict[str, list[float]], path: Path, title: str) -> None:
@@ -199,9 +214,23 @@ class SampleSearchPass(Pass):
     Options: ClassVar[type] = SampleSearchOptions
     method: ClassVar[str] = ""
 
-    def search(self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context) -> dict[str, Any]:
-        """Run the method until ``evaluator`` is exhausted; returns method-specific summary values."""
+    def search(
+        self, space: SearchSpace, evaluator: CandidateEvaluator, ctx: Context, checkpoint: SearchCheckpoint
+    ) -> dict[str, Any]:
+        """Run the method until ``evaluator`` is exhausted; returns method-specific summary values.
+
+        The method saves its state through ``checkpoint`` at every batch boundary and, when the
+        run resumes, starts from the newest saved boundary.
+        """
         raise NotImplementedError
+
+    def initial_network(self, shape: SpaceShape, arch: Arch, ctx: Context) -> nn.Module:
+        """The best architecture's network, initialized from ``--seed`` alone (never the global RNG)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(f"{self.name}.derived")))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = derived_network(shape, arch)
+        return model.to(ctx.device)
 
     def rng(self, ctx: Context) -> random.Random:
         """A Python RNG for discrete choices, seeded from ``--seed`` and the pass name."""
@@ -213,12 +242,18 @@ class SampleSearchPass(Pass):
             raise BadInputError(f"pass '{self.name}' evaluates candidates on data: give --data")
         shape = space_of(ir, opts.channels, opts.layers)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator(f"{self.name}.evaluator")))
+        workers = ScoringWorkers(
+            workers=ctx.workers, ray_address=ctx.ray_address, threads=ctx.threads, seed=seed
+        )
+        checkpoint = SearchCheckpoint(
+            pass_checkpointer(ctx, "search"), {"method": self.name, **dataclasses.asdict(opts)}
+        )
         start = time.perf_counter()
         with threads(ctx.threads):
-            evaluator = make_evaluator(opts, shape, ctx.data, ctx.train, ctx.device, seed)
-            summary = self.search(shape.space, evaluator, ctx)
+            evaluator = make_evaluator(opts, shape, ctx.data, ctx.train, ctx.device, seed, workers)
+            summary = self.search(shape.space, evaluator, ctx, checkpoint)
             best = evaluator.best()
-            model = derived_network(shape, best.arch).to(ctx.device)
+            model = self.initial_network(shape, best.arch, ctx)
             epochs = ctx.train.epochs if opts.final_epochs < 0 else opts.final_epochs
             if epochs > 0:
                 from training.loop import train_model
@@ -229,7 +264,15 @@ class SampleSearchPass(Pass):
                     lr=ctx.train.lr,
                     progress=ctx.train.progress,
                 )
-                train_model(model, ctx.data.train, settings, ctx.device, ctx.generator(f"{self.name}.final"))
+                train_model(
+                    model,
+                    ctx.data.train,
+                    settings,
+                    ctx.device,
+                    ctx.generator(f"{self.name}.final"),
+                    desc=f"{self.name} final",
+                    checkpoint=pass_checkpointer(ctx, "final"),
+                )
         seconds = time.perf_counter() - start
         model.eval()
         genotype = shape.space.to_genotype(best.arch)

@@ -16,10 +16,18 @@ Two backends score a candidate:
 - :class:`ShortTrainingBackend` — the derived network is trained from scratch for a few
   epochs on a subset of the training split and scored on the validation split (NAO's
   "train and evaluate" reranking, shortened).
+
+A batch of new candidates is scored in two steps: the backend's ``prepare`` does the sequential,
+stateful part (supernet training), then its ``scorer`` (a pure, picklable function of one
+architecture over a frozen snapshot) is mapped over the batch by
+:class:`~nas.sample.workers.ScoringWorkers`, in this process or as Ray tasks, with the same
+scores either way. ``state_dict``/``load_state_dict`` carry the evaluator and its backend
+through a checkpoint (see :mod:`nas.sample.checkpointing`).
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,19 +39,34 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from nas.sample.batches import BatchStream
+from nas.sample.checkpointing import random_state, set_random_state
 from nas.sample.encoding import Arch, SearchSpace
 from nas.sample.supernet import SinglePathSupernet
+from nas.sample.workers import Scorer, ScoringWorkers
 
 #: What a method hands the weight-sharing trainer: a pool to sample from uniformly, or a sampler.
 PoolLike = Sequence[Arch] | Callable[[], Arch]
 
 
 class Backend(Protocol):
-    """Scores architectures; ``prepare`` runs before a batch of new candidates is scored."""
+    """Scores architectures; ``prepare`` runs before a batch of new candidates is scored.
+
+    ``scorer(portable)`` is the score as a pure function of the architecture over the state
+    ``prepare`` left (``portable``: it will be pickled to another process, so it must hold CPU
+    copies); ``score(arch)`` is ``scorer(False)(arch)``. ``state_dict``/``load_state_dict`` hold
+    everything a resumed search needs to continue (tensors, dicts, lists and scalars only).
+    """
 
     def prepare(self, new: Sequence[Arch], pool: PoolLike | None) -> None: ...
 
     def score(self, arch: Arch) -> float: ...
+
+    def scorer(self, portable: bool = False) -> Scorer: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -73,6 +96,7 @@ class CandidateEvaluator:
 
     ``max_proposals`` bounds how many architectures (cached ones included) a method may
     propose in total, so a method that keeps proposing what it has already seen still ends.
+    ``workers`` says where the new candidates of one batch are scored (here, or Ray tasks).
     """
 
     space: SearchSpace
@@ -82,6 +106,7 @@ class CandidateEvaluator:
     cache: dict[Arch, float] = field(default_factory=dict)
     history: list[EvalRecord] = field(default_factory=list)
     proposals: int = 0
+    workers: ScoringWorkers = field(default_factory=ScoringWorkers)
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -112,7 +137,8 @@ class CandidateEvaluator:
         """Scores of ``archs``: cached ones are free, new ones spend budget; ``None`` once it is spent.
 
         ``pool`` is where the weight-sharing backend samples the architectures it trains on
-        before scoring (default: the new candidates themselves).
+        before scoring (default: the new candidates themselves). The new candidates are scored
+        together, through ``workers``: in parallel when it has more than one.
         """
         self.proposals += len(archs)
         new: list[Arch] = []
@@ -125,13 +151,12 @@ class CandidateEvaluator:
         if new:
             start = time.perf_counter()
             self.backend.prepare(new, pool)
-            prepare_seconds = (time.perf_counter() - start) / len(new)
-            for arch in new:
-                start = time.perf_counter()
-                score = float(self.backend.score(arch))
+            scorer = self.backend.scorer(portable=self.workers.remote)
+            scores = self.workers.map(scorer, new, first_index=len(self.history))
+            seconds = (time.perf_counter() - start) / len(new)  # the batch's time, shared out
+            for arch, score in zip(new, scores):
                 self.cache[self.space.canonical(arch)] = score
                 best = max(score, self.history[-1].best) if self.history else score
-                seconds = time.perf_counter() - start + prepare_seconds
                 self.history.append(EvalRecord(len(self.history) + 1, arch, score, best, seconds))
         return [self.cached_score(arch) for arch in archs]
 
@@ -148,6 +173,42 @@ class CandidateEvaluator:
         """Every evaluated architecture with its score, best first."""
         return sorted(((r.arch, r.score) for r in self.history), key=lambda t: -t[1])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history (architectures as tokens), the proposal count and the backend's state.
+
+        The cache is not stored: it holds exactly the history's architectures and is rebuilt.
+        """
+        return {
+            "history": [
+                {
+                    "index": r.index,
+                    "tokens": self.space.to_tokens(r.arch),
+                    "score": r.score,
+                    "best": r.best,
+                    "seconds": r.seconds,
+                }
+                for r in self.history
+            ],
+            "proposals": self.proposals,
+            "backend": self.backend.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of an evaluator over the same space and backend."""
+        self.history = [
+            EvalRecord(
+                int(h["index"]),
+                self.space.from_tokens([int(t) for t in h["tokens"]]),
+                float(h["score"]),
+                float(h["best"]),
+                float(h["seconds"]),
+            )
+            for h in state["history"]
+        ]
+        self.cache = {self.space.canonical(r.arch): r.score for r in self.history}
+        self.proposals = int(state["proposals"])
+        self.backend.load_state_dict(state["backend"])
+
 
 class FunctionBackend:
     """A backend from a plain function of the architecture (synthetic rewards in tests)."""
@@ -161,15 +222,14 @@ class FunctionBackend:
     def score(self, arch: Arch) -> float:
         return float(self.fn(arch))
 
+    def scorer(self, portable: bool = False) -> Scorer:
+        return self.fn
 
-def _batches(dataset: Dataset[Any], batch_size: int, generator: torch.Generator) -> Iterator[Any]:
-    """Endless shuffled minibatches (a fresh permutation each pass), drawn from ``generator``."""
-    from training.loop import make_loader
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    n = len(dataset)  # type: ignore[arg-type]
-    drop_last = n > batch_size  # a 1-sample batch breaks BatchNorm in training mode
-    while True:
-        yield from make_loader(dataset, batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 def accuracy_on(
@@ -229,7 +289,7 @@ class WeightSharingBackend:
         self.steps_done = 0
         self.warmup_steps = warmup_steps
         self.steps_per_eval = steps_per_eval
-        self.train_batches = _batches(train, batch_size, self.generator)
+        self.train_batches = BatchStream(train, batch_size, self.generator)
         self.val_batches = _fixed_batches(val, batch_size, val_batches)
         self.loss_fn = nn.CrossEntropyLoss()
         self.warmed_up = False
@@ -269,9 +329,50 @@ class WeightSharingBackend:
             sample = lambda: self.rng.choice(choices)  # noqa: E731
         self.train_steps(self.steps_per_eval * len(new), sample)
 
+    def scorer(self, portable: bool = False) -> SupernetScorer:
+        """The supernet as it is now, scoring paths on the fixed validation batches."""
+        if portable and self.device.type != "cpu":
+            return SupernetScorer(copy.deepcopy(self.supernet).cpu(), self.val_batches, torch.device("cpu"))
+        return SupernetScorer(self.supernet, self.val_batches, self.device)
+
     def score(self, arch: Arch) -> float:
+        return self.scorer()(arch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, SGD state, schedule position, training batch order and the pool sampler."""
+        return {
+            "supernet": self.supernet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_done": self.steps_done,
+            "warmed_up": self.warmed_up,
+            "batches": self.train_batches.state_dict(),
+            "rng": random_state(self.rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.supernet.load_state_dict(state["supernet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        self.warmed_up = bool(state["warmed_up"])
+        self.train_batches.load_state_dict(state["batches"])
+        set_random_state(self.rng, state["rng"])
+
+
+class SupernetScorer:
+    """One candidate's weight-sharing score: its path's top-1 accuracy on fixed validation batches.
+
+    A plain function of the architecture once built (no randomness: BatchNorm uses batch
+    statistics, there is no dropout), picklable with its weights for a Ray task.
+    """
+
+    def __init__(self, supernet: SinglePathSupernet, batches: Sequence[Any], device: torch.device) -> None:
+        self.supernet = supernet
+        self.batches = batches
+        self.device = device
+
+    def __call__(self, arch: Arch) -> float:
         self.supernet.eval()  # BatchNorm keeps no running statistics: batch statistics either way
-        return accuracy_on(lambda x: self.supernet(x, arch), self.val_batches, self.device)
+        return accuracy_on(lambda x: self.supernet(x, arch), self.batches, self.device)
 
 
 def _fixed_batches(dataset: Dataset[Any], batch_size: int, count: int) -> list[Any]:
@@ -321,14 +422,29 @@ class ShortTrainingBackend:
     def prepare(self, new: Sequence[Arch], pool: PoolLike | None) -> None:
         return None
 
+    def scorer(self, portable: bool = False) -> Scorer:
+        """``score`` itself (training from scratch is already a pure function of the architecture)."""
+        if portable and self.device.type != "cpu":
+            on_cpu = copy.copy(self)
+            on_cpu.device = torch.device("cpu")
+            return on_cpu.score
+        return self.score
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
     def score(self, arch: Arch) -> float:
         from passes.base import TrainSettings
         from training.loop import evaluate, train_model
 
         salt = sum((i + 1) * t for i, t in enumerate(self.space.to_tokens(self.space.canonical(arch))))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        seed = (self.seed * 1_000_003 + salt) % 2**63  # the passes' seeds reach 2**62: keep it in range
+        generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():
-            torch.manual_seed(self.seed * 1_000_003 + salt)
+            torch.manual_seed(seed)
             model = self.build(arch).to(self.device)
         settings = TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, progress=False)
         train_model(model, self.train, settings, self.device, generator)

@@ -16,13 +16,14 @@ their mean to a score, and a decoder maps the vectors back to the sequence (sec.
   the index range the same way; here the restriction is also applied in training).
 
 Training minimizes ``λ · MSE(f, y) + (1 − λ) · NLL(decoder)`` with λ = 0.8 (eq. 1 and the
-official ``trade_off``), Adam (lr 1e-3, weight decay 1e-4), gradient norm 5, with the symmetric
-augmentation that lists a node's two branches the other way round (sec. 3.4). New candidates
-come from the best architectures by one gradient step on the encoder outputs,
-``h' = h + η ∂f/∂h`` (eq. 2), re-normalized and decoded, with η = 1, 2, ... raised until enough
-unseen architectures decode (official code: up to 50). The pool keeps its size: the new
-architectures replace the worst ones, and the encoder-predictor-decoder is trained on the pool
-again each iteration.
+official ``trade_off``), Adam (lr 1e-3, weight decay 1e-4; a fresh optimizer each iteration,
+as in the official code), gradient norm 5, with the symmetric augmentation that lists a node's
+two branches the other way round (sec. 3.4). The random seed pool is evaluated as one batch, as
+NAO-WS scores its whole pool after training the supernet on it. New candidates come from the
+best architectures by one gradient step on the encoder outputs, ``h' = h + η ∂f/∂h`` (eq. 2),
+re-normalized and decoded, with η = 1, 2, ... raised until enough unseen architectures decode
+(official code: up to 50). The pool keeps its size: the new architectures replace the worst
+ones, and the encoder-predictor-decoder is trained on the pool again each iteration.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.sample.checkpointing import SearchCheckpoint, Tracked, archs_from_tokens, archs_to_tokens
 from nas.sample.encoding import Arch, SearchSpace
 from nas.sample.evaluator import CandidateEvaluator, threads
 
@@ -270,13 +273,44 @@ def propose(
     return found, step
 
 
+def seed_pool(
+    space: SearchSpace, evaluator: CandidateEvaluator, rng: random.Random, count: int
+) -> list[Arch]:
+    """Up to ``count`` distinct unseen random architectures, evaluated together; those that got a score.
+
+    NAO-WS trains the supernet on its whole random seed pool and then scores every member, so
+    the seed pool is one batch (evaluated in parallel with several workers).
+    """
+    want = min(count, evaluator.remaining)
+    archs: list[Arch] = []
+    keys: set[Arch] = set()
+    attempts = 0
+    while len(archs) < want and attempts < 100 * want:  # a tiny space may have fewer unseen ones
+        attempts += 1
+        arch = space.random_arch(rng)
+        key = space.canonical(arch)
+        if not evaluator.seen(arch) and key not in keys:
+            archs.append(arch)
+            keys.add(key)
+    scores = evaluator.evaluate(archs, pool=archs)
+    return [a for a, score in zip(archs, scores) if score is not None]
+
+
 def nao_search(
     space: SearchSpace,
     evaluator: CandidateEvaluator,
     generator: torch.Generator,
     settings: NAOSettings | None = None,
+    *,
+    checkpoint: SearchCheckpoint | None = None,
 ) -> dict[str, float]:
     """NAO's loop until the budget is spent: evaluate the pool, train, step, decode, replace.
+
+    Each iteration's new architectures are evaluated together (in parallel with several
+    workers). With ``checkpoint`` the encoder-predictor-decoder, the pool, the counters, the
+    generator and the evaluator are saved after the seed pool and after every iteration; a
+    resumed run continues there. (Like the official code, every iteration trains with a fresh
+    Adam optimizer, so no optimizer state crosses a boundary.)
 
     Returns a summary (iterations, random fills when decoding found too few unseen ones).
     """
@@ -287,13 +321,27 @@ def nao_search(
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         model = NAOModel(space, s)
-    pool: list[Arch] = []
-    while len(pool) < seed_count and not evaluator.exhausted:
-        arch = space.random_arch(rng)
-        if evaluator.evaluate_one(arch, pool=[*pool, arch]) is not None and arch not in pool:
-            pool.append(arch)
-    iterations = fills = 0
-    last_step = 0.0
+    checkpoint = checkpoint or SearchCheckpoint()
+    tracked = Tracked(modules={"nao": model}, generators={"nao": generator}, rngs={"nao": rng})
+
+    def state() -> dict[str, Any]:
+        return {
+            "pool": archs_to_tokens(space, pool),
+            "iterations": iterations,
+            "random_fills": fills,
+            "last_step_size": last_step,
+        }
+
+    saved = checkpoint.restore(evaluator, tracked)
+    if saved is not None:
+        pool = archs_from_tokens(space, saved["pool"])
+        iterations, fills = int(saved["iterations"]), int(saved["random_fills"])
+        last_step = float(saved["last_step_size"])
+    else:
+        pool = seed_pool(space, evaluator, rng, seed_count)
+        iterations = fills = 0
+        last_step = 0.0
+        checkpoint.save(evaluator, tracked, state())
     while not evaluator.exhausted:
         iterations += 1
         scores = [evaluator.cached_score(a) or 0.0 for a in pool]
@@ -310,4 +358,5 @@ def nao_search(
                 fills += 1
         evaluator.evaluate(new, pool=pool + new)
         pool = pool[: max(len(pool) - len(new), 0)] + new
+        checkpoint.save(evaluator, tracked, state())
     return {"iterations": iterations, "random_fills": fills, "last_step_size": last_step}

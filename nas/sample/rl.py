@@ -18,11 +18,13 @@ reward instead of 0, since with decay 0.99 a zero start takes hundreds of sample
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.sample.checkpointing import SearchCheckpoint, Tracked
 from nas.sample.encoding import Arch, SearchSpace
 from nas.sample.evaluator import CandidateEvaluator, threads
 
@@ -172,6 +174,17 @@ class Reinforce:
             self.pending = 0
         return advantage
 
+    def state_dict(self) -> dict[str, Any]:
+        """The baseline and the gradients accumulated towards the next Adam step (if any)."""
+        grads = [p.grad.clone() if p.grad is not None else None for p in self.controller.parameters()]
+        return {"baseline": self.baseline, "pending": self.pending, "grads": grads if self.pending else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.baseline = None if state["baseline"] is None else float(state["baseline"])
+        self.pending = int(state["pending"])
+        for param, grad in zip(self.controller.parameters(), state["grads"]):
+            param.grad = None if grad is None else grad.clone()
+
 
 def reinforce_search(
     space: SearchSpace,
@@ -179,19 +192,34 @@ def reinforce_search(
     generator: torch.Generator,
     settings: ControllerSettings | None = None,
     controller: Controller | None = None,
+    *,
+    checkpoint: SearchCheckpoint | None = None,
 ) -> Controller:
     """Sample, evaluate and reinforce until the budget is spent; returns the trained controller.
 
     ``controller`` continues training a given controller (its own settings then apply).
 
-    With weight sharing the supernet trains on architectures the controller itself samples
-    (ENAS's alternating scheme), one fresh sample per minibatch.
+    Each step samples ``aggregate`` architectures from the current policy (ENAS's batch of
+    samples per controller update), evaluates them together (in parallel with several
+    workers), then accumulates their policy gradients, which ends in one Adam step. With
+    weight sharing the supernet trains on architectures the controller itself samples (ENAS's
+    alternating scheme), one fresh sample per minibatch. With ``checkpoint`` the controller,
+    its optimizer, the baseline, the generator and the evaluator are saved after every step.
     """
     if controller is None:
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             controller = Controller(space, settings)
     trainer = Reinforce(controller)
+    checkpoint = checkpoint or SearchCheckpoint()
+    tracked = Tracked(
+        modules={"controller": controller},
+        optimizers={"controller": trainer.optimizer},
+        generators={"controller": generator},
+    )
+    saved = checkpoint.restore(evaluator, tracked)
+    if saved is not None:
+        trainer.load_state_dict(saved)
 
     def sampler() -> Arch:
         with torch.no_grad(), threads(1):
@@ -199,10 +227,16 @@ def reinforce_search(
 
     while not evaluator.exhausted:
         with threads(1):
-            sample = controller.sample(generator)
-        score = evaluator.evaluate_one(sample.arch, pool=sampler)
-        if score is None:
+            samples = [controller.sample(generator) for _ in range(trainer.settings.aggregate)]
+        scores = evaluator.evaluate([s.arch for s in samples], pool=sampler)
+        spent = False
+        for sample, score in zip(samples, scores):
+            if score is None:  # the budget ran out within this step
+                spent = True
+                break
+            with threads(1):
+                trainer.update(sample, score)
+        checkpoint.save(evaluator, tracked, trainer.state_dict())
+        if spent:
             break
-        with threads(1):
-            trainer.update(sample, score)
     return controller
