@@ -7,6 +7,10 @@ nodes after the input and every conv/linear, ReLU, add and average pool (see
 does. The model leaves the pass frozen: weights on their grids, scales as constants, which the
 ``export`` pass writes as QuantizeLinear/DequantizeLinear (ONNX Runtime then runs 8-bit layers as
 QLinearConv/QGemm); 4-bit weights as opset-21 INT4, other widths in an 8-bit container.
+
+The DFQ search and the fine-tunes checkpoint after every epoch, each phase in its own folder
+(``checkpoints/quantize/dfq-search``, ``.../<method>-finetune``), so ``--resume OUT`` continues
+where a killed run stopped; under torchrun they train data-parallel (:mod:`training.distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from quant import dfq
 from quant import insert as qi
 from quant.haq.options import HaqOptions
 from quant.modules import WeightQuantizer
+from training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -161,6 +166,7 @@ class Quantize(Pass):
                 settings,
                 ctx.generator("quantize.dfq"),
                 ctx.device,
+                checkpoint=pass_checkpointer(ctx, "dfq-search"),
             )
             history = result.epochs
             budget = None
@@ -201,6 +207,7 @@ class Quantize(Pass):
                 ctx.device,
                 ctx.generator("quantize.finetune"),
                 desc="quantize fine-tune",
+                checkpoint=pass_checkpointer(ctx, f"{opts.method}-finetune"),
             )
             ir.gm.eval()
         qi.freeze(ir)

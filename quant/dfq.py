@@ -16,23 +16,34 @@ Lagrangian is ``G(α)/G_max + λ (L_val − θ)``). Why: a fixed penalty weight 
 tuned per model and data set to land on the constraint, whereas λ grows while the constraint is
 violated (pushing α towards accuracy) and decays to zero while there is slack (pushing α
 towards smaller widths), so the search settles where the loss meets θ without tuning.
+
+Never losing work: with a :class:`~training.checkpoint.Checkpointer` the whole search state
+(weights and α, both optimizers, λ and its loss estimate, the data generator and every RNG, the
+history) is saved after each epoch, and a resumed search continues exactly as an uninterrupted
+one on CPU. Under torchrun both splits are sharded per global batch and every gradient, of the
+weights and of α, is averaged over the ranks before its step, so the weights, α and λ stay
+identical on every rank and the search equals a one-process search with the same global batch
+up to float summation order (:mod:`training.distributed`).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ir.errors import RunFailedError
+from ir.errors import BadInputError, RunFailedError
 from quant.modules import WeightQuantizer
+from training import distributed
+from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
 
 
 def expected_size_bits(quantizers: Mapping[str, WeightQuantizer]) -> torch.Tensor:
@@ -67,19 +78,76 @@ class DualAscent:
         return self.value
 
 
+class LossConstraint:
+    """The constraint ``L_val − θ ≤ 0`` as the search tracks it: an EMA of the measured validation
+    loss (one batch is a noisy estimate of L_val) drives the multiplier's dual ascent."""
+
+    def __init__(self, theta: float, multiplier: DualAscent, ema: float) -> None:
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"the EMA factor must be in [0, 1), got {ema}")
+        self.theta = theta
+        self.multiplier = multiplier
+        self.ema = ema
+        self.smoothed: float | None = None
+
+    def observe(self, val_loss: float) -> float:
+        """Fold one batch's validation loss into the estimate and step λ; returns the new λ."""
+        value = float(val_loss)
+        self.smoothed = value if self.smoothed is None else self.ema * self.smoothed + (1 - self.ema) * value
+        return self.multiplier.update(self.smoothed - self.theta)
+
+    def state(self) -> dict[str, float | None]:
+        """What a checkpoint keeps: λ and the loss estimate."""
+        return {"multiplier": self.multiplier.value, "smoothed": self.smoothed}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.multiplier.value = float(state["multiplier"])
+        smoothed = state["smoothed"]
+        self.smoothed = None if smoothed is None else float(smoothed)
+
+
 @dataclass
 class DFQSettings:
     """Search knobs; defaults are short enough for a 2-core CPU."""
 
+    #: Search epochs; each is one pass over the training split.
     epochs: int = 2
+    #: Global batch of both splits (shared by the processes under torchrun).
     batch_size: int = 64
+    #: SGD (momentum 0.9, weight decay 5e-4) learning rate of the weights, on the training split.
     weight_lr: float = 0.01
+    #: Adam learning rate of the bit logits α, on the validation split.
     arch_lr: float = 0.05
+    #: Step size η of the multiplier's dual ascent.
     dual_lr: float = 1.0
+    #: λ at the start of the search.
     initial_multiplier: float = 1.0
+    #: The loss bound θ of the constraint L_val − θ ≤ 0 (nats).
     theta: float = 1.0
+    #: EMA factor of the validation-loss estimate that drives λ.
     ema: float = 0.9
+    #: Show a progress bar (on the main process only).
     progress: bool = True
+
+    def checkpoint_config(
+        self, searched: Mapping[str, WeightQuantizer], train_size: int, val_size: int
+    ) -> dict[str, Any]:
+        """The settings a saved search depends on: a resume with other values is refused."""
+        return {
+            "kind": "dfq-search",
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "weight_lr": self.weight_lr,
+            "arch_lr": self.arch_lr,
+            "dual_lr": self.dual_lr,
+            "initial_multiplier": self.initial_multiplier,
+            "theta": float(f"{self.theta:.6g}"),  # from a measured loss: tolerant of summation order
+            "ema": self.ema,
+            "layers": [[name, list(m.candidates), m.groups] for name, m in searched.items()],
+            "train_size": train_size,
+            "val_size": val_size,
+            "world_size": distributed.world_size(),
+        }
 
 
 @dataclass
@@ -89,9 +157,172 @@ class DFQHistory:
     epochs: list[dict[str, float]] = field(default_factory=list)
 
 
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
 def _cycle(loader: Any) -> Iterator[Any]:
     while True:
         yield from loader
+
+
+@contextmanager
+def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Keep autograd from tracking ``params`` for a while (no graph, no gradient for them)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _global_mean(loss: torch.Tensor, count: int) -> float:
+    """The mean loss over every rank's shard of the batch (this shard's mean alone in one process)."""
+    value = float(loss.detach())
+    if distributed.active() is None:
+        return value
+    totals = torch.tensor([value * count, float(count)], dtype=torch.float64)
+    distributed.all_reduce_sum(totals)
+    return float(totals[0] / totals[1])
+
+
+def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator) -> DataLoader[Any]:
+    """Shuffled batches drawn from ``generator``, this rank's shards of them under torchrun; a last
+    partial batch is dropped (every step then sees a full batch, and shards stay equal)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    return distributed.shuffled_loader(dataset, batch_size, generator, drop_last=n > batch_size)
+
+
+class DFQSearch:
+    """One DFQ search's state and its two alternating steps (the weights', then α's).
+
+    Under torchrun every step's loss is this rank's shard scaled by
+    :func:`training.distributed.local_loss_scale`, and the gradients of the weights and of α are
+    averaged over the ranks before their steps, so both stay identical on every rank; the losses
+    that drive λ and the statistics are global means, so λ is identical too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        searched: Mapping[str, WeightQuantizer],
+        settings: DFQSettings,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.searched = searched
+        self.settings = settings
+        self.device = device
+        self.arch = [m.bit_logits for m in searched.values() if m.bit_logits is not None]
+        if not self.arch:
+            raise BadInputError("DFQ has no bit-width logits to search (enable_search was not called)")
+        arch_ids = {id(p) for p in self.arch}
+        self.weights = [p for p in model.parameters() if p.requires_grad and id(p) not in arch_ids]
+        self.weight_optimizer = torch.optim.SGD(
+            self.weights, lr=settings.weight_lr, momentum=0.9, weight_decay=5e-4
+        )
+        self.arch_optimizer = torch.optim.Adam(self.arch, lr=settings.arch_lr, betas=(0.5, 0.999))
+        self.constraint = LossConstraint(
+            settings.theta, DualAscent(settings.dual_lr, settings.initial_multiplier), settings.ema
+        )
+        self.g_max = max_size_bits(searched)
+        self.n_weights = sum(m.weight_numel_per_channel() * m.out_channels for m in searched.values())
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"weights": self.weight_optimizer, "bits": self.arch_optimizer}
+
+    def weight_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One SGD step of the weights on a training batch (α fixed); returns the global loss.
+
+        A non-finite loss is returned without an update, for the caller to report.
+        """
+        with _frozen(self.arch):
+            self.weight_optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            value = _global_mean(loss, len(y))
+            if not math.isfinite(value):
+                return value
+            (loss * distributed.local_loss_scale(len(y))).backward()
+            distributed.average_gradients(self.weights)
+            self.weight_optimizer.step()
+            self.weight_optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def arch_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One Adam step of α on a validation batch, on the Lagrangian ``G/G_max + λ (L_val − θ)``.
+
+        The weights are fixed; returns the global validation loss (non-finite: no update).
+        """
+        with _frozen(self.weights):
+            loss = self.loss_fn(self.model(x), y)
+            value = _global_mean(loss, len(y))
+            if not math.isfinite(value):
+                return value
+            shard_loss = loss.cpu() * distributed.local_loss_scale(len(y))
+            size = expected_size_bits(self.searched)
+            lam = self.constraint.multiplier.value
+            objective = size / self.g_max + lam * (shard_loss - self.settings.theta)
+            grads = torch.autograd.grad(objective, self.arch, allow_unused=True)
+            grads_list = [torch.zeros_like(a) if g is None else g for a, g in zip(self.arch, grads)]
+            distributed.average_tensors(grads_list)
+            self.arch_optimizer.zero_grad(set_to_none=True)
+            for a, g in zip(self.arch, grads_list):
+                a.grad = g.to(a.device)
+            self.arch_optimizer.step()
+            self.arch_optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def run_epoch(
+        self, epoch: int, train_loader: DataLoader[Any], val_loader: DataLoader[Any]
+    ) -> dict[str, float]:
+        """One pass over the training split, each weight step followed by an α step and a λ step.
+
+        The validation batches restart each epoch, so an epoch depends only on the state at its
+        start (what a checkpoint holds). A non-finite loss stops the search with a one-line
+        :class:`RunFailedError` naming the epoch and step, before anything is updated with it.
+        """
+        settings = self.settings
+        sums = {"val_loss": 0.0, "avg_bits": 0.0, "multiplier": 0.0, "train_loss": 0.0}
+        steps = 0
+        val_batches = _cycle(val_loader)
+        bar = tqdm(
+            train_loader,
+            desc=f"dfq {epoch}/{settings.epochs}",
+            unit="batch",
+            file=sys.stderr,
+            disable=not (settings.progress and distributed.is_main_process()),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for step, (x, y) in enumerate(bar, start=1):
+            train_value = self.weight_step(x.to(self.device), y.to(self.device))
+            if not math.isfinite(train_value):
+                bar.close()
+                raise RunFailedError(
+                    f"DFQ search diverged: training loss is {train_value} at epoch {epoch}, step {step} "
+                    f"(lower the weights' learning rate, quantize.finetune_lr, now {settings.weight_lr:.3g})"
+                )
+            xv, yv = next(val_batches)
+            val_value = self.arch_step(xv.to(self.device), yv.to(self.device))
+            if not math.isfinite(val_value):
+                bar.close()
+                raise RunFailedError(
+                    f"DFQ search diverged: validation loss is {val_value} at epoch {epoch}, step {step} "
+                    f"(lower quantize.arch_lr, now {settings.arch_lr:.3g})"
+                )
+            multiplier = self.constraint.observe(val_value)
+            steps += 1
+            sums["val_loss"] += val_value
+            sums["train_loss"] += train_value
+            sums["multiplier"] += multiplier
+            sums["avg_bits"] += float(expected_weight_bits(self.searched)) / max(self.n_weights, 1)
+            if not bar.disable:
+                bar.set_postfix(val=f"{val_value:.3f}", lam=f"{multiplier:.2f}", refresh=False)
+        bar.close()
+        return {"epoch": float(epoch), **{k: v / max(steps, 1) for k, v in sums.items()}}
 
 
 def search(
@@ -102,74 +333,58 @@ def search(
     settings: DFQSettings,
     generator: torch.Generator,
     device: torch.device,
+    *,
+    on_epoch: EpochCallback | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> DFQHistory:
     """Alternate weight steps on ``train`` and α steps on ``val`` under the dual-ascent multiplier.
 
     ``searched`` layers must have had :meth:`WeightQuantizer.enable_search` called. Returns the
     history; the logits are left in place for :func:`choose_bits`.
-    """
-    from training.loop import make_loader
 
-    arch = [m.bit_logits for m in searched.values() if m.bit_logits is not None]
-    arch_ids = {id(p) for p in arch}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in arch_ids]
-    w_opt = torch.optim.SGD(weights, lr=settings.weight_lr, momentum=0.9, weight_decay=5e-4)
-    a_opt = torch.optim.Adam(arch, lr=settings.arch_lr, betas=(0.5, 0.999))
-    multiplier = DualAscent(settings.dual_lr, settings.initial_multiplier)
-    g_max = max_size_bits(searched)
-    n_weights = sum(m.weight_numel_per_channel() * m.out_channels for m in searched.values())
-    loss_fn = nn.CrossEntropyLoss()
-    train_loader = make_loader(train, settings.batch_size, True, generator, drop_last=True)
-    val_batches = _cycle(make_loader(val, settings.batch_size, True, generator))
+    With ``checkpoint`` the whole search state (weights and α in the model's state, both
+    optimizers, λ and its loss estimate, the data generator and every RNG, the history) is saved
+    after each epoch, never once it stopped being finite, so a diverged search keeps its last good
+    checkpoint; a resuming checkpointer continues after the last saved epoch exactly as an
+    uninterrupted search would on CPU, and refuses a checkpoint made with other settings.
+    ``on_epoch`` is called for the epochs run in this call. Under torchrun both splits are
+    sharded per global batch (:mod:`training.distributed`; see :class:`DFQSearch`).
+    """
+    n_train, n_val = len(train), len(val)  # type: ignore[arg-type]
+    if n_train == 0 or n_val == 0:
+        raise BadInputError("DFQ needs non-empty training and validation splits")
+    model.to(device)
+    run = DFQSearch(model, searched, settings, device)
+    distributed.broadcast_parameters([*run.weights, *run.arch])
     history = DFQHistory()
-    smoothed: float | None = None
-    model.to(device).train()
-    for epoch in range(1, settings.epochs + 1):
-        sums = {"val_loss": 0.0, "avg_bits": 0.0, "multiplier": 0.0, "train_loss": 0.0}
-        steps = 0
-        bar = tqdm(
-            train_loader,
-            desc=f"dfq {epoch}/{settings.epochs}",
-            unit="batch",
-            file=sys.stderr,
-            disable=not settings.progress,
-            leave=False,
-            dynamic_ncols=True,
+    config = settings.checkpoint_config(searched, n_train, n_val)
+    first_epoch = 1
+    saved = checkpoint.load_latest(config) if checkpoint is not None else None
+    if saved is not None:
+        extra = restore_training_state(
+            saved, modules={"model": model}, optimizers=run.optimizers(), generators={"data": generator}
         )
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            # weights: one step on the training split (α fixed)
-            w_opt.zero_grad(set_to_none=True)
-            train_loss = loss_fn(model(x), y)
-            train_loss.backward()
-            w_opt.step()
-            # α: one step on the validation split, on the Lagrangian G/G_max + λ (L_val − θ)
-            xv, yv = next(val_batches)
-            xv, yv = xv.to(device), yv.to(device)
-            a_opt.zero_grad(set_to_none=True)
-            w_opt.zero_grad(set_to_none=True)
-            val_loss = loss_fn(model(xv), yv)
-            size = expected_size_bits(searched)
-            objective = size / g_max + multiplier.value * (val_loss.cpu() - settings.theta)
-            objective.backward()
-            a_opt.step()
-            w_opt.zero_grad(set_to_none=True)  # α's step must not leak into the weights
-            value = float(val_loss.detach())
-            if not math.isfinite(value) or not math.isfinite(float(train_loss.detach())):
-                raise RunFailedError(
-                    f"DFQ search diverged (loss {value}) at epoch {epoch}; lower quantize.arch_lr"
-                )
-            smoothed = value if smoothed is None else settings.ema * smoothed + (1 - settings.ema) * value
-            multiplier.update(smoothed - settings.theta)
-            steps += 1
-            sums["val_loss"] += value
-            sums["train_loss"] += float(train_loss.detach())
-            sums["multiplier"] += multiplier.value
-            sums["avg_bits"] += float(expected_weight_bits(searched)) / max(n_weights, 1)
-            if settings.progress:
-                bar.set_postfix(val=f"{value:.3f}", lam=f"{multiplier.value:.2f}", refresh=False)
-        bar.close()
-        history.epochs.append({"epoch": float(epoch), **{k: v / max(steps, 1) for k, v in sums.items()}})
+        first_epoch = int(extra["epoch"]) + 1
+        history.epochs = [dict(e) for e in extra["history"]]
+        run.constraint.load(extra["constraint"])
+    train_loader = _loader(train, settings.batch_size, generator)
+    val_loader = _loader(val, settings.batch_size, generator)
+    model.train()
+    for epoch in range(first_epoch, settings.epochs + 1):
+        stats = run.run_epoch(epoch, train_loader, val_loader)
+        history.epochs.append(stats)
+        if checkpoint is not None and all_finite(model):
+            state = training_state(
+                modules={"model": model},
+                optimizers=run.optimizers(),
+                generators={"data": generator},
+                epoch=epoch,
+                history=history.epochs,
+                constraint=run.constraint.state(),
+            )
+            checkpoint.save(epoch, {**state, "config": config})
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
     return history
 
 

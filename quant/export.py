@@ -77,15 +77,40 @@ def session(path: str | Path, threads: int = 1, optimized_path: str | Path | Non
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def optimized_op_counts(path: str | Path) -> collections.Counter[str]:
-    """Op types of the graph ONNX Runtime actually runs (after its fusions), counted."""
+def optimized_model(path: str | Path) -> Any:
+    """The ``onnx.ModelProto`` ONNX Runtime actually runs (after its fusions, as :func:`session` optimizes)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         session(path, 1, out)
-        model = onnx.load(str(out))
-    return collections.Counter(node.op_type for node in model.graph.node)
+        return onnx.load(str(out))
+
+
+def optimized_op_counts(path: str | Path) -> collections.Counter[str]:
+    """Op types of the graph ONNX Runtime actually runs (after its fusions), counted."""
+    return collections.Counter(node.op_type for node in optimized_model(path).graph.node)
+
+
+#: Float kernels of a weighted layer in ONNX Runtime's optimized graph (weight: input 1).
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def float_weight_kernels(path: str | Path) -> list[str]:
+    """Nodes of the optimized graph that compute with float weights stored as float32 constants.
+
+    These are the layers that really run in float. A float kernel whose weight comes from a
+    DequantizeLinear (an INT4 layer, or a float weight ONNX Runtime quantized itself) is not one.
+    """
+    import onnx
+
+    graph = optimized_model(path).graph
+    float_constants = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return [
+        node.name or node.output[0]
+        for node in graph.node
+        if node.op_type in FLOAT_KERNELS and len(node.input) > 1 and node.input[1] in float_constants
+    ]
 
 
 def run_session(sess: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ This is the API a mixed-precision method uses (uniform, DFQ here; HAQ reuses it)
    (a conv followed only by a ReLU is quantized after the ReLU, which ONNX Runtime then drops).
 2. :func:`set_bits` changes the widths (per layer name), :func:`calibrate` sets activation scales
    from real batches, a fine-tune trains the weights through the straight-through estimator,
-   3. :func:`freeze` stores the weights on their grids, ready for :mod:`quant.export`.
+   3. :func:`freeze` stores the weights on their grids, ready for :mod:`quant.export`, and puts a
+   :class:`~quant.modules.FloatBoundary` in front of each float layer that reads a quantized
+   activation, so that ONNX Runtime keeps that layer in float (:func:`isolate_float_layers`).
 
 Every change is mirrored into ``NodeMeta.weight_bits`` / ``act_bits``: a layer's ``act_bits`` is
 the width of the quantizer feeding its input (what BitOps multiplies by).
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ir.graph import IR
-from quant.modules import WRAPPABLE, ActQuantizer, WeightQuantizer
+from quant.modules import WRAPPABLE, ActQuantizer, FloatBoundary, WeightQuantizer
 
 RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 RELU_FUNCTIONS: tuple[Any, ...] = (F.relu, torch.relu, F.relu6)
@@ -280,8 +282,17 @@ def _to_float(module: WeightQuantizer) -> None:
 
 
 def input_quantizer(ir: IR, node: fx.Node) -> ActQuantizer | None:
-    """The activation quantizer feeding ``node``'s first input, looking through pass-through ops."""
-    current = node.all_input_nodes[0] if node.all_input_nodes else None
+    """The activation quantizer feeding ``node``'s first input, looking through pass-through ops.
+
+    A :class:`FloatBoundary` in front of ``node`` ends the search (None): the layer behind it reads
+    its input in float, which is what ONNX Runtime runs (see :func:`isolate_float_layers`).
+    """
+    return _quantizer_of(ir, node.all_input_nodes[0]) if node.all_input_nodes else None
+
+
+def _quantizer_of(ir: IR, value: fx.Node) -> ActQuantizer | None:
+    """The activation quantizer whose output ``value`` is, directly or through pass-through ops."""
+    current: fx.Node | None = value
     while current is not None:
         module = _module(ir.gm, current)
         if isinstance(module, ActQuantizer):
@@ -290,6 +301,57 @@ def input_quantizer(ir: IR, node: fx.Node) -> ActQuantizer | None:
             return None
         current = current.all_input_nodes[0]
     return None
+
+
+def is_float_layer(module: nn.Module | None) -> bool:
+    """A Conv/Linear that computes with float weights: never wrapped, or wrapped at ``bits=None``."""
+    if isinstance(module, WeightQuantizer):
+        return module.bits is None
+    return isinstance(module, WRAPPABLE)
+
+
+def isolate_float_layers(ir: IR) -> list[str]:
+    """Put a :class:`FloatBoundary` in front of every float layer that reads a quantized activation.
+
+    Without it ONNX Runtime quantizes such a layer's float weights to int8 itself and runs it on
+    an integer kernel (see :class:`FloatBoundary`), so a layer kept in float (``keep_float``, or
+    bits ``None``) would not be float in the exported model. The boundary is an exact identity, so
+    the PyTorch model computes what it did; the layer's ``act_bits`` becomes float, as ONNX Runtime
+    then runs it. A boundary in front of a layer that is quantized again (its bits changed since),
+    or whose input is no longer quantized, is removed: there it would stop ONNX Runtime's fusion.
+    Idempotent; returns the names of the layers behind a boundary.
+    """
+    gm = ir.gm
+    changed = False
+    isolated = []
+    for node in layer_nodes(ir):
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node):
+            continue
+        has_boundary = isinstance(_module(gm, first), FloatBoundary)
+        feed = first.all_input_nodes[0] if has_boundary else first
+        source = _quantizer_of(ir, feed)
+        wanted = is_float_layer(_module(gm, node)) and source is not None and source.bits is not None
+        if wanted:
+            isolated.append(node.name)
+        if wanted and not has_boundary:
+            name = _free_name(gm, f"{node.name}_float_input")
+            gm.add_submodule(name, FloatBoundary())
+            with gm.graph.inserting_before(node):
+                boundary = gm.graph.call_module(name, (first,))
+            node.replace_input_with(first, boundary)
+            changed = True
+        elif has_boundary and not wanted:
+            node.replace_input_with(first, feed)
+            if not first.users:
+                gm.graph.erase_node(first)
+                gm.delete_submodule(str(first.target))
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+        ir.propagate()
+    return isolated
 
 
 def update_meta(ir: IR) -> None:
@@ -349,8 +411,11 @@ def freeze(ir: IR) -> None:
     Each layer's bias goes onto the int32 grid of its input scale times its weight scales, as the
     integer kernels (and ONNX Runtime's rewrite of a float bias) have it, so that the exported file
     computes what the PyTorch model does (:meth:`WeightQuantizer.freeze`). Calibrate first: the
-    grid depends on the input's activation scale.
+    grid depends on the input's activation scale. Layers left in float get a
+    :class:`FloatBoundary` in front when they read a quantized activation
+    (:func:`isolate_float_layers`), so that they stay float in ONNX Runtime.
     """
+    isolate_float_layers(ir)  # first: a quantized layer must see its input quantizer for its bias
     for name, module in weight_quantizers(ir).items():
         node = next(n for n in ir.gm.graph.nodes if n.name == name)
         source = input_quantizer(ir, node)

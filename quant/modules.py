@@ -1,6 +1,6 @@
 """Quantizer constructs: the graph nodes through which the ``quantize`` pass speaks to the IR.
 
-Two concrete :class:`ir.constructs.Quantizer` subclasses, both traced as leaf ``call_module``
+Three concrete :class:`ir.constructs.Quantizer` subclasses, all traced as leaf ``call_module``
 nodes:
 
 - :class:`ActQuantizer` sits after a node whose output it quantizes (per tensor; unsigned after
@@ -11,6 +11,8 @@ nodes:
   ``bit_logits`` α over candidate widths, per layer or per group of output channels, and uses the
   softmax mixture ``Σ_j softmax(α)_j · Q_{b_j}(w)`` (Cheng et al. 2018, §3; the lecture's
   ``q_i = Σ_j softmax(α_i)_j · B(q_ij)``).
+- :class:`FloatBoundary` sits in front of a layer kept in float that reads a quantized activation,
+  so that ONNX Runtime does not quantize that layer itself (see the class).
 
 After :meth:`WeightQuantizer.freeze` the weight is stored on its quantization grid, the bias on the
 int32 grid (input scale × weight scale) that ONNX Runtime's integer kernels use, and the scales
@@ -112,6 +114,39 @@ class ActQuantizer(Quantizer):
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
         return f"bits={self.bits}, {kind}, scale={self.scale:.4g}"
+
+
+class FloatBoundary(Quantizer):
+    """Where a quantized activation enters a layer kept in float: an exact identity, ``max(x, x)``.
+
+    ONNX Runtime (1.32, ``WeightBiasQuantization``) quantizes a Conv/Gemm's *float* weights to
+    int8 itself, per tensor, whenever the layer's input comes straight from a DequantizeLinear
+    and its output leads to a QuantizeLinear; its QDQ fusion then runs the layer as QLinearConv.
+    So a layer the user kept in float silently became an int8 layer with weights the PyTorch model
+    never had (97.9% top-1 agreement on CIFAR-10). This node sits between the activation quantizer
+    and the float layer: in ONNX it is a ``Max(x, x)``, so the layer's input is no longer a
+    DequantizeLinear output and ONNX Runtime leaves it a float Conv/Gemm on its float weights.
+
+    Why ``max(x, x)``: it returns its input bit for bit for every value (±inf and NaN included), so
+    the PyTorch model computes exactly what it did (the float layer still reads the quantized
+    activation, on its grid), and ONNX Runtime has no rule that removes it. What it does remove was
+    tried and failed: ``x * 1`` (no-op elimination), a same-shape Reshape. Reading the activation
+    before its quantizer instead would have changed the PyTorch model, and would branch the
+    producer's output before its QuantizeLinear, which stops ONNX Runtime from fusing the
+    *producer* into an integer kernel. The cost is one elementwise op in front of a float layer.
+
+    A quantizer fixed at float (``bits`` is None, as :class:`ir.constructs.Quantizer` defines
+    one): the tracer keeps it a leaf, and hardware models count it as free like the other
+    activation quantizers.
+    """
+
+    role = "activation"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, x)
 
 
 class WeightQuantizer(Quantizer):
