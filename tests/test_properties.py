@@ -1,4 +1,5 @@
-"""Property tests on random CNNs: tracing, shape propagation, semantics-preserving passes, export.
+"""Property tests on random CNNs: tracing, shape propagation, semantics-preserving passes,
+pruning gates at one, export.
 
 Each property is checked against an independent reference: the original ``nn.Module``'s own
 outputs and shapes, and ONNX Runtime running the exported file.
@@ -12,7 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ir.constructs import Gate
 from ir.graph import IR
+from nas.dso.gating import gate_branches, gate_channels
+from nas.dso.shrink import shrink
 from passes import Context, Pipeline
 from tests.random_cnn import build, cnn_specs
 
@@ -62,6 +66,27 @@ def test_fold_bn_and_dce_keep_outputs(specs, seed, tmp_path_factory):
     assert torch.allclose(got, expected, atol=1e-4 * max(1.0, float(expected.abs().max())))
     remaining_bn = [m for m in result.ir.gm.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not remaining_bn  # every BN in these nets directly follows a conv used only by it
+
+
+@FAST
+@given(specs=cnn_specs, seed=seeds)
+def test_pruning_with_all_one_gates_keeps_outputs(specs, seed):
+    model = build(specs, seed)
+    ir = IR.from_module(model, (1, 3, 16, 16), num_classes=5)
+    ir.gm.eval()
+    names = gate_branches(ir) + gate_channels(ir)
+    gates = [ir.gm.get_submodule(n) for n in names]
+    assert all(isinstance(g, Gate) and bool((g.lam == 1).all()) for g in gates)  # λ starts at 1
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed + 3))
+    with torch.no_grad():
+        expected = model.eval()(x)
+        gated = ir.gm(x)
+        assert torch.allclose(gated, expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+        params = sum(p.numel() for p in model.parameters())
+        report = shrink(ir)  # nothing reached zero: nothing may be removed, outputs unchanged
+        assert torch.allclose(ir.gm(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    kept = sum(p.numel() for n, p in ir.gm.named_parameters() if not n.startswith("dso_gates"))
+    assert kept == params, report
 
 
 @EXPORT
