@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -75,11 +75,7 @@ class LayerSignature:
         return hashlib.sha256(self.key().encode()).hexdigest()[:20]
 
     def with_bits(self, weight_bits: int | None, act_bits: int | None) -> LayerSignature:
-        data = asdict(self)
-        data.update(weight_bits=weight_bits, act_bits=act_bits)
-        for name in ("in_shape", "out_shape", "kernel", "stride", "padding", "dilation"):
-            data[name] = tuple(data[name])
-        return LayerSignature(**data)
+        return replace(self, weight_bits=weight_bits, act_bits=act_bits)
 
     def describe(self) -> str:
         bits = (
@@ -152,6 +148,18 @@ def activation_kind(ir: IR, node: fx.Node) -> str:
     return ""
 
 
+def erased_source(ir: IR, node: fx.Node) -> fx.Node:
+    """Follow ``node`` back through modules the exporter erases (identity, dropout) to the node
+    whose value it passes on (a residual block's identity shortcut hands on its input)."""
+    while (
+        node.op == "call_module"
+        and isinstance(ir.gm.get_submodule(str(node.target)), _FREE_MODULES)
+        and len(node.all_input_nodes) == 1
+    ):
+        node = node.all_input_nodes[0]
+    return node
+
+
 def _next_single(ir: IR, node: fx.Node) -> fx.Node | None:
     node = _skip_free(ir, node)
     if len(node.users) != 1:
@@ -172,9 +180,10 @@ def _bits(ir: IR, nodes: list[fx.Node]) -> tuple[int | None, int | None]:
     wbits = ir.meta(nodes[0]).weight_bits
     abits = next((ir.meta(n).act_bits for n in nodes if ir.meta(n).act_bits is not None), None)
     if abits is None:  # e.g. a residual add: quantized when every input comes from a quantizer
+        inputs = [erased_source(ir, a) for a in nodes[0].all_input_nodes]  # through identity shortcuts
         sources = [
             ir.meta(a).act_bits
-            for a in nodes[0].all_input_nodes
+            for a in inputs
             if a.op == "call_module" and isinstance(ir.gm.get_submodule(str(a.target)), Quantizer)
         ]
         if sources and len(sources) == len(nodes[0].all_input_nodes) and len(set(sources)) == 1:

@@ -4,6 +4,12 @@ Sessions use ``intra_op_num_threads = threads`` (default 1), sequential executio
 ``ORT_ENABLE_EXTENDED`` (:func:`hardware.runtime.measurement_session`). A latency is the
 median of timed runs after warm-up, with the p90 and a flag when p90 / median exceeds
 ``max_spread`` (a busy machine; the number should not be trusted then).
+
+A latency-table entry is measured once and then reused thousands of times, so one unlucky
+moment on a shared machine would bias every prediction that uses it (measured: cached entries
+up to 2x their re-measured value after a busy minute). A single layer's latency is therefore
+the lowest of ``layer_repeats`` medians, each from its own short timing run: other processes
+only ever add time to a measurement.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class OrtCpuTarget(Target):
         warmup: int = 5,
         max_seconds: float = 2.0,
         layer_max_seconds: float = 0.3,
+        layer_repeats: int = 3,
         rel_tol: float = 0.01,
         max_spread: float = DEFAULT_MAX_SPREAD,
         clock: Clock | None = None,
@@ -56,6 +63,9 @@ class OrtCpuTarget(Target):
         self.warmup = warmup
         self.max_seconds = max_seconds
         self.layer_max_seconds = layer_max_seconds
+        if layer_repeats < 1:
+            raise BadInputError(f"layer_repeats must be >= 1, got {layer_repeats}")
+        self.layer_repeats = layer_repeats
         self.rel_tol = rel_tol
         self.max_spread = max_spread
         self.clock: Clock = clock if clock is not None else default_clock(threads)
@@ -66,7 +76,13 @@ class OrtCpuTarget(Target):
         self._overhead: float | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {"cpu": cpu_name(), "onnxruntime": ort_version(), "threads": self.threads, "clock": self.clock}
+        return {
+            "cpu": cpu_name(),
+            "onnxruntime": ort_version(),
+            "threads": self.threads,
+            "clock": self.clock,
+            "layer_repeats": self.layer_repeats,
+        }
 
     def time_model(
         self,
@@ -88,9 +104,15 @@ class OrtCpuTarget(Target):
             clock=self.clock,
         )
 
+    def _lowest_median(self, model: bytes, batch: int) -> float:
+        """The lowest of ``layer_repeats`` medians of ``model`` (see the module docstring)."""
+        return min(
+            self.time_model(model, batch=batch, max_seconds=self.layer_max_seconds).median_ms
+            for _ in range(self.layer_repeats)
+        )
+
     def layer_latency_ms(self, sig: LayerSignature, module: nn.Module | None = None) -> float:
-        model = build_single_layer(sig, module)
-        return self.time_model(model, batch=sig.in_shape[0], max_seconds=self.layer_max_seconds).median_ms
+        return self._lowest_median(build_single_layer(sig, module), batch=sig.in_shape[0])
 
     def per_call_overhead_ms(self) -> float:
         """The latency of a one-element ReLU: the runtime's fixed cost per ``run`` call."""
@@ -103,9 +125,7 @@ class OrtCpuTarget(Target):
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
             model.ir_version = 9
-            self._overhead = self.time_model(
-                model.SerializeToString(), max_seconds=self.layer_max_seconds
-            ).median_ms
+            self._overhead = self._lowest_median(model.SerializeToString(), batch=1)
         return self._overhead
 
     def model_latency(self, ir: IR | None, onnx_path: Path | None, batch: int = 1) -> ModelLatency:

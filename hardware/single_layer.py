@@ -154,11 +154,47 @@ class _Builder:
         return model
 
 
+#: Conversions a mixed float/int8 model runs as kernels of their own (:mod:`hardware.qdq`):
+#: float → uint8 activations, uint8 → float activations, int8 weights → float (per channel).
+CONVERSION_OPS = ("quantize", "dequantize", "dequantize_weight")
+
+
+def conversion_signature(op: str, shape: tuple[int, ...]) -> LayerSignature:
+    """The signature of one standalone conversion of a tensor of ``shape`` (``op`` in :data:`CONVERSION_OPS`)."""
+    if op not in CONVERSION_OPS:
+        raise BadInputError(f"unknown conversion '{op}' (known: {', '.join(CONVERSION_OPS)})")
+    bits = 8
+    return LayerSignature(
+        op=op,
+        in_shape=tuple(shape),
+        out_shape=tuple(shape),
+        weight_bits=bits if op == "dequantize_weight" else None,
+        act_bits=None if op == "dequantize_weight" else bits,
+    )
+
+
+def _conversion(b: _Builder, sig: LayerSignature) -> onnx.ModelProto:
+    """``QuantizeLinear`` (float in, uint8 out), ``DequantizeLinear`` (uint8 in, float out), or the
+    per-channel ``DequantizeLinear`` of a constant int8 weight, which ONNX Runtime keeps as a kernel
+    that runs every inference when no integer kernel absorbs it."""
+    shape = sig.in_shape
+    if sig.op == "quantize":
+        x = b.input(shape, quantized=False)
+        return b.model(b.quant(x), shape, quantized=True)
+    if sig.op == "dequantize":
+        x = b.input(shape, quantized=True)
+        return b.model(b.dequant(x), shape, quantized=False)
+    w, _ = b.weight(shape, quantized=True)
+    return b.model(w, shape, quantized=False)
+
+
 def build_single_layer(sig: LayerSignature, module: nn.Module | None = None, seed: int = 0) -> bytes:
     """A serialized ONNX model that runs the layer ``sig`` alone (float32 or int8 QDQ)."""
-    quantized = is_int8(sig)
     b = _Builder(seed)
     op = sig.op
+    if op in CONVERSION_OPS:
+        return _conversion(b, sig).SerializeToString()
+    quantized = is_int8(sig)
     if op.startswith("module:"):
         if module is None:
             raise BadInputError(f"cannot build a single-layer model for {op} without its module")

@@ -105,3 +105,18 @@ def test_impossible_and_missing_budgets(tmp_path: Path, trained: tuple[IR, DataS
         run_haq(ir, _ctx(tmp_path, data), HaqOptions(episodes=2))
     with pytest.raises(BadInputError, match="one resource"):
         run_haq(ir, _ctx(tmp_path, data), HaqOptions(episodes=2, size_ratio=0.5, bitops_ratio=0.5))
+
+
+def test_latency_budget_below_the_measured_int8_model_is_impossible_on_ort_cpu(
+    tmp_path: Path, trained: tuple[IR, DataSplits]
+) -> None:
+    """1 µs is below any ONNX Runtime call (its per-call overhead alone is several µs): the budget is
+    refused before the search, with the measured uniform-int8 file named as the cheapest policy."""
+    from hardware.budget import parse_budget
+
+    ir, data = trained
+    ctx = _ctx(tmp_path, data, target="ort-cpu", budget=parse_budget("latency=1us"))
+    with pytest.raises(BudgetError, match="impossible on ort-cpu") as info:
+        run_haq(ir, ctx, HaqOptions(episodes=2, haq_measure_rounds=1))
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
+    assert "haq" not in ctx.sections

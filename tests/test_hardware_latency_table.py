@@ -188,3 +188,22 @@ def test_wrapped_layers_are_layers_and_activation_quantizers_are_free() -> None:
     sig = groups[0].signature
     assert sig is not None and sig.op == "conv" and sig.kernel == (3, 3) and sig.act == "relu"
     assert (sig.weight_bits, sig.act_bits) == (8, 8) and sig.out_shape == (1, 4, 4, 4)
+
+
+def test_a_table_entry_is_the_lowest_of_repeated_medians(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Other processes only add time: of three timing runs (medians 3, 1, 2 ms) the entry keeps 1 ms,
+    and the repeat count is part of the table's identity (entries made otherwise are not reused)."""
+    target = OrtCpuTarget(threads=1, layer_repeats=3)
+    medians = iter([3.0, 1.0, 2.0])
+
+    def fake_time_model(
+        model: object, batch: int = 1, max_seconds: float | None = None, **_: object
+    ) -> object:
+        return runtime.Timing(next(medians), 0.0, 0.0, 0.0, 10, True, 1.0, True)
+
+    monkeypatch.setattr(target, "time_model", fake_time_model)
+    assert target.layer_latency_ms(CONV) == 1.0
+    once = LatencyTable(OrtCpuTarget(threads=1, layer_repeats=1), tmp_path)
+    assert LatencyTable(target, tmp_path).path != once.path

@@ -95,12 +95,23 @@ def latency_cost(
 
 @dataclass
 class BudgetSpec:
-    """The resolved constraint: the metric, the absolute limit and where it came from."""
+    """The resolved constraint: the metric, the absolute limit and where it came from.
+
+    ``margin`` is headroom: the search (and the check of the exported file) aim at
+    ``target = limit · (1 − margin)``, so that a re-measurement of the file still finds it
+    within ``limit``. ``ratio`` is set when the limit is a ratio of the uniform 8-bit cost.
+    """
 
     metric: str
     limit: float
     reference_8bit: float
     source: str  # "--budget" or "<metric>_ratio=<r>"
+    margin: float = 0.0
+    ratio: float | None = None
+
+    @property
+    def target(self) -> float:
+        return self.limit * (1.0 - self.margin)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -109,6 +120,8 @@ class BudgetSpec:
             "uniform_8bit_cost": self.reference_8bit,
             "ratio_of_8bit": self.limit / self.reference_8bit if self.reference_8bit else None,
             "source": self.source,
+            "margin": self.margin,
+            "search_target": self.target,
         }
 
 
@@ -119,18 +132,22 @@ def resolve_budget(
     absolute: float | None = None,
     ratio: float | None = None,
     int8_is_fastest: bool = False,
+    reference: float | None = None,
+    floor: float | None = None,
 ) -> BudgetSpec:
     """Turn ``--budget`` or a ``*_ratio`` option into a limit on ``model``'s metric.
 
     ``int8_is_fastest`` marks a target (ort-cpu) where lower bits do not lower latency: a
     latency ratio below 1 can never be met there, which is a ``BudgetError`` naming the target.
     An absolute or ratio budget below the cheapest reachable policy is a ``BudgetError`` too.
+    ``reference`` (the uniform 8-bit cost) and ``floor`` (the cheapest policy's cost) replace
+    the table's own sums when a better evaluation is at hand (a calibrated, whole-model one).
     """
     if (absolute is None) == (ratio is None):
         raise BadInputError(
             f"HAQ needs exactly one {model.metric} budget: --budget {model.metric}=... or quantize.{model.metric}_ratio"
         )
-    reference = model.uniform(8)
+    reference = model.uniform(8) if reference is None else reference
     if ratio is not None:
         if ratio <= 0:
             raise BadInputError(f"quantize.{model.metric}_ratio must be positive, got {ratio}")
@@ -143,7 +160,8 @@ def resolve_budget(
     else:
         assert absolute is not None
         limit, source = float(absolute), "--budget"
-    floor = model(lowest_policy(len(model.table), levels, model.two_steps, [(8, 8)] * len(model.table)))
+    if floor is None:
+        floor = model(lowest_policy(len(model.table), levels, model.two_steps, [(8, 8)] * len(model.table)))
     if model.metric == "latency" and int8_is_fastest:
         floor = min(floor, reference)
     if limit < floor:
@@ -151,4 +169,4 @@ def resolve_budget(
             f"HAQ: the {model.metric} budget {limit:.4g}{model.unit} is impossible on {target}: "
             f"the cheapest policy costs {floor:.4g}{model.unit} (uniform 8-bit: {reference:.4g}{model.unit})"
         )
-    return BudgetSpec(model.metric, limit, reference, source)
+    return BudgetSpec(model.metric, limit, reference, source, ratio=ratio)

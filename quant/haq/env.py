@@ -24,19 +24,52 @@ from passes.base import TrainSettings
 from quant.haq.actions import Bits
 from quant.haq.enforce import Policy
 from quant.haq.search import Evaluation
-from quant.insert import calibrate, input_quantizer, set_bits
+from quant.insert import act_quantizers, input_quantizer, is_relu_like, set_bits
+from quant.modules import ActQuantizer
 from training.loop import evaluate, train_model
+
+#: Below this many bits an activation's clip threshold is chosen by ``low_bit_calibration``.
+LOW_BITS = 5
 
 
 @dataclass
 class EnvSettings:
-    """How an episode measures a policy."""
+    """How an episode measures a policy.
+
+    ``low_bit_calibration`` picks the clip threshold of activation quantizers below 5 bits
+    (``percentile``, ``kl`` or ``minmax``; see :func:`calibrate_activations`); wider ones use min/max.
+    """
 
     finetune_epochs: int = 1
     finetune_lr: float = 1e-3
     batch_size: int = 64
     calib_batches: int = 4
     eval_batch_size: int = 256
+    low_bit_calibration: str = "percentile"
+
+
+def calibrate_activations(ir: IR, batches: Sequence[torch.Tensor], low_bit_method: str) -> None:
+    """Set every activation scale from ``batches``: min/max at 5 bits and more, ``low_bit_method`` below.
+
+    HAQ (§3.4) clips low-bit activations at the KL-optimal threshold. On this code base's KL
+    search (:func:`quant.calibrate.kl_threshold`) ReLU activations at 2–4 bits get thresholds of
+    0.002–0.04 (measured on a CIFAR-10 MobileNet whose activations reach 6): everything clips to
+    one level and the network answers one class whatever the policy, so HAQ's default here is the
+    99.99th percentile, which kept such policies within a few points of float.
+    """
+    quantizers = act_quantizers(ir)
+    for q in quantizers.values():
+        q.start_observing()
+    was_training = ir.gm.training
+    ir.gm.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                ir.gm(x.to(ir.device))
+    finally:
+        ir.gm.train(was_training)
+    for q in quantizers.values():
+        q.calibrate("minmax" if q.bits is None or q.bits >= LOW_BITS else low_bit_method)
 
 
 def act_bits_by_quantizer(ir: IR, layers: Sequence[fx.Node], policy: Policy) -> dict[str, Bits]:
@@ -66,12 +99,51 @@ def act_bits_by_quantizer(ir: IR, layers: Sequence[fx.Node], policy: Policy) -> 
     return chosen
 
 
+#: The width HAQ's quantizers are inserted at, and that an output quantizer of a quantized layer keeps.
+OUTPUT_ACT_BITS = 8
+
+
+def output_quantizer_bits(
+    ir: IR, layers: Sequence[fx.Node], policy: Policy, taken: set[str]
+) -> dict[str, Bits]:
+    """Bits of the activation quantizers no searched layer reads, by quantizer node name.
+
+    Such a quantizer sits on a layer's output before a residual add or a pooling (quantizing
+    them keeps the add and the pool on integer kernels). It follows the layer that writes it:
+    8 bits when that layer is quantized, float when the layer keeps float weights or inputs —
+    there it would only add a QuantizeLinear/DequantizeLinear pair to a float path
+    (:mod:`hardware.qdq`) and rounding to the model. Quantizers fed by anything else are left alone.
+    """
+    pairs = dict(zip(layers, policy, strict=True))
+    out: dict[str, Bits] = {}
+    for node in ir.gm.graph.nodes:
+        if node.name in taken or node.op != "call_module":
+            continue
+        if not isinstance(ir.gm.get_submodule(str(node.target)), ActQuantizer):
+            continue
+        source = node.all_input_nodes[0] if node.all_input_nodes else None
+        while (
+            source is not None
+            and source not in pairs
+            and is_relu_like(ir.gm, source)
+            and source.all_input_nodes
+        ):
+            source = source.all_input_nodes[0]  # conv → ReLU → quantizer: the conv writes it
+        if source in pairs:
+            w, a = pairs[source]
+            out[node.name] = None if w is None or a is None else OUTPUT_ACT_BITS
+    return out
+
+
 def apply_policy(ir: IR, layers: Sequence[fx.Node], policy: Policy) -> None:
-    """Set weight bits per layer and activation bits per input quantizer (``None``: float)."""
+    """Set weight bits per layer and activation bits per input quantizer (``None``: float); the
+    quantizers on layer outputs that no layer reads follow their layer (:func:`output_quantizer_bits`)."""
+    act_bits = act_bits_by_quantizer(ir, layers, policy)
+    act_bits.update(output_quantizer_bits(ir, layers, policy, set(act_bits)))
     set_bits(
         ir,
         weight_bits={node.name: w for node, (w, _) in zip(layers, policy, strict=True)},
-        act_bits=act_bits_by_quantizer(ir, layers, policy),
+        act_bits=act_bits,
     )
 
 
@@ -108,11 +180,19 @@ class QuantizeEnv:
     def restore(self) -> None:
         self.ir.gm.load_state_dict(self.pretrained)
 
+    def calibrate(self) -> None:
+        """Activation scales from a few training batches (:func:`calibrate_activations`)."""
+        calibrate_activations(self.ir, self.calibration_batches(), self.settings.low_bit_calibration)
+
+    def apply(self, policy: Policy) -> None:
+        """The policy's bits set on the weights as they are now, activation scales calibrated."""
+        apply_policy(self.ir, self.layers, policy)
+        self.calibrate()
+
     def prepare(self, policy: Policy) -> None:
         """Float weights back, the policy's bits set, activation scales calibrated."""
         self.restore()
-        apply_policy(self.ir, self.layers, policy)
-        calibrate(self.ir, self.calibration_batches())
+        self.apply(policy)
 
     def finetune(self, epochs: int, lr: float, salt: int) -> None:
         if epochs <= 0:

@@ -5,11 +5,19 @@ layer is described by the signature of the kernel it runs as (conv → BatchNorm
 :mod:`hardware.layers`), and the target's latency table answers for that signature at any
 (weight bits, activation bits). Groups the search does not touch (adds, pools, reshapes)
 are a fixed part of the cost, taken at 8-bit activations.
+
+That additive table prices each layer on its own bits only. On ort-cpu a mixed float/int8
+model also pays for what lies between layers (a layer is an integer kernel only when its
+output is quantized too; every float/int8 boundary runs a standalone QuantizeLinear or
+DequantizeLinear, :mod:`hardware.qdq`), which is why the quick benchmark's policies measured
+over budget; :class:`ExactLatency` prices the whole model that way, and
+:mod:`quant.haq.calibration` scales it to whole-model measurements.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import fx, nn
@@ -89,6 +97,15 @@ def latency_model(
     return model
 
 
+@dataclass
+class LatencyParts:
+    """A policy's predicted latency split the way :class:`ExactLatency` calibrates it (ms)."""
+
+    overhead: float  # the runtime's per-call cost, paid once
+    integer: float  # groups that run integer kernels, each net of the per-call cost
+    other: float  # float kernels and the standalone float/int8 conversions
+
+
 class ExactLatency:
     """A policy's latency as the target sees the final model: set the bits on the IR, regroup, look up.
 
@@ -97,6 +114,12 @@ class ExactLatency:
     only when all its inputs share one bit-width, :func:`hardware.layers.layer_groups`). This
     evaluation is exact for the table (about 10 ms for a MobileNet), so the search uses it to
     finish the enforcement walk and to report every policy's cost.
+
+    ``runtime_plan`` (ort-cpu) prices what ONNX Runtime runs for a mixed float/int8 model
+    (:func:`hardware.qdq.kernel_plan`): a layer runs the integer kernel only when its output is
+    quantized too, and every float/int8 boundary costs a standalone QuantizeLinear or
+    DequantizeLinear, each a table entry of its own. ``scales`` (integer, other) calibrate the
+    table against whole-model measurements (:mod:`quant.haq.calibration`); 1 by default.
     """
 
     def __init__(
@@ -105,24 +128,78 @@ class ExactLatency:
         layers: Sequence[fx.Node],
         table: LatencySource,
         canonical: Callable[[Any], Any] | None = None,
+        runtime_plan: bool = False,
     ) -> None:
         self.q_ir, self.layers, self.table = q_ir, list(layers), table
         self.canon = canonical or (lambda sig: sig)
+        self.runtime_plan = runtime_plan
+        self.scales = (1.0, 1.0)
         self.lookups = 0
+        self._memo: dict[tuple[tuple[Bits, Bits], ...], LatencyParts] = {}
 
-    def __call__(self, policy: Sequence[tuple[Bits, Bits]]) -> float:
+    def _net(self, sig: Any, module: nn.Module | None, overhead: float) -> float:
+        self.lookups += 1
+        return max(float(self.table.lookup(sig, module)) - overhead, 0.0)
+
+    def parts(self, policy: Sequence[tuple[Bits, Bits]]) -> LatencyParts:
+        """Set ``policy`` on the IR and add up its groups (and conversions) from the table.
+
+        Remembered per policy (the search meets the same policies again as the agent
+        converges); a remembered policy is not set on the IR again.
+        """
+        key = tuple((w, a) for w, a in policy)
+        known = self._memo.get(key)
+        if known is not None:
+            self.lookups += 1
+            return known
+        parts = self._evaluate(key)
+        if len(self._memo) < 200_000:
+            self._memo[key] = parts
+        return parts
+
+    def _evaluate(self, policy: Sequence[tuple[Bits, Bits]]) -> LatencyParts:
         from hardware.layers import layer_groups
+        from hardware.qdq import kernel_plan
         from quant.haq.env import apply_policy
 
         apply_policy(self.q_ir, self.layers, list(policy))
         overhead = float(self.table.overhead_ms())
-        total = overhead
+        integer = other = 0.0
+        if self.runtime_plan:
+            plan = kernel_plan(self.q_ir)
+            for group, sig, fast in zip(plan.groups, plan.kernels, plan.integer, strict=True):
+                if sig is None:
+                    continue
+                ms = self._net(sig, group.module, overhead)
+                integer, other = (integer + ms, other) if fast else (integer, other + ms)
+            other += sum(self._net(sig, None, overhead) for sig in plan.conversions)
+            return LatencyParts(overhead, integer, other)
         for group in layer_groups(self.q_ir):
-            if group.signature is None:
-                continue
-            self.lookups += 1
-            total += max(float(self.table.lookup(self.canon(group.signature), group.module)) - overhead, 0.0)
-        return total
+            if group.signature is not None:
+                other += self._net(self.canon(group.signature), group.module, overhead)
+        return LatencyParts(overhead, integer, other)
+
+    def combine(self, parts: LatencyParts) -> float:
+        """Milliseconds from ``parts`` with the calibration scales applied."""
+        return parts.overhead + self.scales[0] * parts.integer + self.scales[1] * parts.other
+
+    def __call__(self, policy: Sequence[tuple[Bits, Bits]]) -> float:
+        return self.combine(self.parts(policy))
+
+
+def int8_or_float(policy: Sequence[tuple[Bits, Bits]]) -> list[tuple[Bits, Bits]]:
+    """On ort-cpu a layer is either int8 or float: the activation choice decides (HAQ's latency
+    mode searches both, but ONNX Runtime has no use for a mixed pair).
+
+    An 8-bit input with float weights buys nothing: ONNX Runtime either quantizes those weights
+    itself (per tensor, coarser than our per-channel 8 bits) and runs the integer kernel, or, behind
+    the :class:`~quant.modules.FloatBoundary` that :func:`quant.insert.freeze` puts there, runs the
+    float kernel after a DequantizeLinear (:mod:`hardware.qdq`). So ``(float, 8)`` becomes
+    ``(8, 8)``. A float input with 8-bit weights runs the float kernel behind a weight
+    DequantizeLinear, slower and less accurate than float weights, so ``(8, float)`` becomes
+    ``(float, float)``.
+    """
+    return [(8, 8) if a == 8 else (None, None) for _, a in policy]
 
 
 def ort_cpu_canonical(sig: Any) -> Any:

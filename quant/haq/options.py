@@ -7,6 +7,7 @@ The quantize pass's ``Options`` inherits these fields, so they are set as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from passes.options import option
 
@@ -36,11 +37,22 @@ class HaqOptions:
     )
     haq_search_epochs: int = option(1, "haq: fine-tune passes over the search subset per episode (0: none)")
     haq_search_lr: float = option(1e-3, "haq: fine-tune learning rate during the search (SGD, momentum 0.9)")
+    haq_low_bit_calibration: Literal["percentile", "kl", "minmax"] = option(
+        "percentile",
+        "haq: clip threshold of activations below 5 bits (the paper: kl; kl collapses them here, see quant.haq.env)",
+    )
     haq_final_epochs: int = option(
         -1, "haq: epochs fine-tuning the best policy on the whole train split (-1: --epochs)"
     )
     haq_final_lr: float = option(1e-3, "haq: learning rate of that final fine-tune")
     haq_latency_margin: float = option(
-        0.0,
-        "haq: search under a latency budget this fraction tighter than asked (headroom: per-layer tables miss the float/int8 conversions of mixed policies)",
+        0.05,
+        "haq: the search and the check of the exported file aim this fraction under a latency budget (headroom for re-measuring the file)",
+    )
+    haq_measure: bool = option(
+        True,
+        "haq: on a measured target (ort-cpu) calibrate the latency table on the exported int8 and float models, and lower bits until the chosen policy's exported file measures within the budget",
+    )
+    haq_measure_rounds: int = option(
+        5, "haq: interleaved timing rounds per exported file in those measurements"
     )

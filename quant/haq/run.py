@@ -8,14 +8,23 @@ enforce, quantize, fine-tune on a training subset, reward on the validation spli
 set the best policy, fine-tune it on the whole training split and freeze the weights for
 export. The ``haq`` section of ``report.json`` holds the policy, its cost against the
 budget, the timing split and the paths of the learning curve (JSON and PNG).
+
+On a measured target (ort-cpu) the latency prediction is calibrated on the exported uniform
+int8 and float models first (:mod:`quant.haq.calibration`), each layer is int8 or float
+(:func:`quant.haq.hardware_cost.int8_or_float`), and the chosen policy's exported file is
+timed before and after the final fine-tune; while it measures over the budget the
+enforcement walk goes on (:mod:`quant.haq.verify`), so the file handed over meets it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +34,7 @@ from ir.errors import BadInputError, BudgetError
 from ir.graph import IR
 from passes.base import Context, TrainSettings
 from quant.haq.actions import BitLevels, Bits
+from quant.haq.calibration import Calibration, calibrate_latency
 from quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
 from quant.haq.ddpg import DDPGConfig
 from quant.haq.enforce import Policy
@@ -33,15 +43,18 @@ from quant.haq.hardware_cost import (
     ExactLatency,
     LatencySource,
     bitops_model,
+    int8_or_float,
     latency_model,
     layer_input_shape,
     ort_cpu_canonical,
     undominated_levels,
 )
+from quant.haq.meter import PolicyMeter
 from quant.haq.options import HaqOptions
 from quant.haq.search import EpisodeRecord, SearchResult, haq_search, plot_curve, write_curve_json
 from quant.haq.state import LayerInfo, StateSpace, describe_layer
-from quant.insert import calibrate, freeze, insert_quantizers, layer_nodes
+from quant.haq.verify import Check, verify_on_export
+from quant.insert import freeze, insert_quantizers, layer_nodes
 from quant.modules import WeightQuantizer
 from training.loop import evaluate, train_model
 
@@ -159,7 +172,27 @@ class HaqSetup:
     cost: CostModel
     budget: BudgetSpec
     original_accuracy: float
-    exact_cost: Callable[[Policy], float] | None = None
+    exact_cost: ExactLatency | None = None
+    #: What the target runs for a policy (ort-cpu: each layer int8 or float); None: as chosen.
+    project: Callable[[Policy], Policy] | None = None
+    #: Exports and times policies on a measured target (``haq_measure``); None otherwise.
+    meter: PolicyMeter | None = None
+    calibration: Calibration | None = None
+    work_dir: Path | None = None
+
+    def close(self) -> None:
+        """Remove the folder of exported candidates."""
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+
+
+def measured_target(ctx: Context) -> Any:
+    """The target as a timer of whole files, or ``None`` when it is analytical."""
+    from hardware.targets import get_target
+
+    target = get_target(ctx.target, ctx.threads)
+    return None if target.analytical else target
 
 
 def prepare_haq(
@@ -193,17 +226,14 @@ def prepare_haq(
     states = StateSpace(infos, two_steps=metric != "size")
     cost, levels = build_cost(metric, float_ir, q_ir, infos, levels, ctx, latency_table)
     int8_fastest = ctx.target in INT8_FASTEST_TARGETS
-    budget = resolve_budget(
-        cost, levels, ctx.target, absolute=absolute, ratio=ratio, int8_is_fastest=int8_fastest
-    )
-    if metric == "latency" and opts.haq_latency_margin > 0:  # headroom: tables miss conversion costs
-        budget.limit *= 1.0 - opts.haq_latency_margin
-        budget.source += f", margin {opts.haq_latency_margin:g}"
+    if not 0.0 <= opts.haq_latency_margin < 1.0:
+        raise BadInputError(f"quantize.haq_latency_margin must be in [0, 1), got {opts.haq_latency_margin}")
 
     settings = EnvSettings(
         finetune_epochs=opts.haq_search_epochs,
         finetune_lr=opts.haq_search_lr,
         batch_size=ctx.train.batch_size,
+        low_bit_calibration=opts.haq_low_bit_calibration,
     )
     env = QuantizeEnv(
         q_ir,
@@ -215,12 +245,52 @@ def prepare_haq(
         ctx.seed,
     )
     original = evaluate(float_ir.gm, ctx.data.val, 256, ctx.device)[1]
-    exact = None
+    setup = HaqSetup(float_ir, env, states, levels, cost, BudgetSpec(metric, math.inf, 0.0, ""), original)
+    try:
+        if metric == "latency":
+            table = latency_table or default_latency_table(ctx.target, ctx.threads)
+            _attach_latency(setup, ctx, opts, q_ir, layers, table, with_float, measure=latency_table is None)
+        exact, project = setup.exact_cost, setup.project or (lambda p: p)
+        n, low = len(layers), levels.levels[0]
+        setup.budget = resolve_budget(
+            cost,
+            levels,
+            ctx.target,
+            absolute=absolute,
+            ratio=ratio,
+            int8_is_fastest=int8_fastest,
+            reference=exact(project([(8, 8)] * n)) if exact is not None else None,
+            floor=exact(project([(low, low)] * n)) if exact is not None else None,
+        )
+    except BaseException:
+        setup.close()
+        raise
     if metric == "latency":
-        table = latency_table or default_latency_table(ctx.target, ctx.threads)
-        canonical = ort_cpu_canonical if ctx.target == "ort-cpu" else None
-        exact = ExactLatency(q_ir, layers, table, canonical)
-    return HaqSetup(float_ir, env, states, levels, cost, budget, original, exact)
+        setup.budget.margin = opts.haq_latency_margin
+    return setup
+
+
+def _attach_latency(
+    setup: HaqSetup,
+    ctx: Context,
+    opts: HaqOptions,
+    q_ir: IR,
+    layers: list[Any],
+    table: LatencySource,
+    with_float: bool,
+    measure: bool,
+) -> None:
+    """The whole-model latency evaluation of the search; on a measured target (and ``haq_measure``)
+    also the meter of exported files, and the table calibrated on the int8 and float exports."""
+    canonical = ort_cpu_canonical if ctx.target == "ort-cpu" else None
+    setup.exact_cost = ExactLatency(q_ir, layers, table, canonical, runtime_plan=with_float)
+    setup.project = int8_or_float if with_float else None
+    timer = measured_target(ctx) if opts.haq_measure and measure else None
+    if timer is None:
+        return
+    setup.work_dir = Path(tempfile.mkdtemp(prefix="fxsculpt-haq-"))
+    setup.meter = PolicyMeter(setup.env, timer, setup.work_dir, rounds=opts.haq_measure_rounds)
+    setup.calibration = calibrate_latency(setup.exact_cost, setup.meter, len(layers))
 
 
 def run_haq(
@@ -232,6 +302,15 @@ def run_haq(
 ) -> IR:
     """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
     setup = prepare_haq(ir, ctx, opts, latency_table)
+    try:
+        return _search_and_finalize(setup, ctx, opts, on_episode)
+    finally:
+        setup.close()
+
+
+def _search_and_finalize(
+    setup: HaqSetup, ctx: Context, opts: HaqOptions, on_episode: Callable[[EpisodeRecord], None] | None
+) -> IR:
     env, states, levels, cost, budget = setup.env, setup.states, setup.levels, setup.cost, setup.budget
     original, metric = setup.original_accuracy, budget.metric
     config = DDPGConfig(hidden=_hidden(opts.haq_hidden), warmup=opts.haq_warmup)
@@ -258,39 +337,87 @@ def run_haq(
         fixed_act_bits=fixed_act,
         on_episode=on_episode or _progress(ctx, opts.episodes),
         exact_cost=setup.exact_cost,
+        project=setup.project,
+        table_first=setup.project is None,  # ort-cpu: the table alone misprices mixed policies
     )
 
-    # the best policy, fine-tuned on the whole training split, then frozen for export
+    # on a measured target the exported file must measure within the budget: checked before the
+    # final fine-tune (which then trains the policy handed over) and again after it, just before
+    # the pipeline exports (the machine's load may have changed in between)
+    policy = result.best_policy
+    checks = _check_exported(setup, ctx, policy, "before fine-tune")
+    if checks:
+        policy = [(w, a) for w, a in checks[-1].policy]
+    # (costed before finalizing: evaluating a cost sets bits on the IR that is about to be frozen)
+    final_cost = setup.exact_cost(policy) if setup.exact_cost is not None and checks else result.best_cost
+
     final_epochs = ctx.train.epochs if opts.haq_final_epochs < 0 else opts.haq_final_epochs
-    final_val = finalize_policy(env, result.best_policy, ctx, final_epochs, opts.haq_final_lr)
+    finetune_policy(env, policy, ctx, final_epochs, opts.haq_final_lr)
+    if setup.meter is not None:
+        setup.meter.keep_weights = True  # the fine-tuned weights, bits set on them as they are
+        after = _check_exported(setup, ctx, policy, "after fine-tune")
+        checks += after
+        if after and [tuple(p) for p in after[-1].policy] != list(policy):
+            policy = [(w, a) for w, a in after[-1].policy]
+            final_cost = setup.exact_cost(policy) if setup.exact_cost is not None else final_cost
+        env.apply(policy)  # the check's exports set other policies' bits on the IR
+    final_val = freeze_policy(env)
 
     curve_json = ctx.stage(CURVE_JSON)
     write_curve_json(result, curve_json)
     curve_png = ctx.stage(CURVE_PNG)
     plot_curve(result, curve_png, title=f"HAQ on {ctx.target}: {metric} budget {budget.limit:.4g}{cost.unit}")
-    ctx.section("haq", haq_section(result, cost, budget, ctx, levels, final_val))
+    section = haq_section(result, cost, budget, ctx, levels, final_val, policy, final_cost)
+    if setup.exact_cost is not None:
+        section["cost_lookups"] += setup.exact_cost.lookups
+    if setup.calibration is not None:
+        section["calibration"] = setup.calibration.as_dict()
+    if checks:
+        section["measured_checks"] = [c.as_dict() for c in checks]
+        section["measured_ms"] = checks[-1].measured_ms
+        section["measured_limit_ms"] = checks[-1].limit_ms
+        section["meets_budget"] = checks[-1].met
+        section["policy_lowered_by_check"] = any(not c.met for c in checks)
+    ctx.section("haq", section)
     ctx.record(
         method="haq",
         episodes=opts.episodes,
         metric=metric,
         budget=round(budget.limit, 6),
-        cost=round(result.best_cost, 6),
+        cost=round(final_cost, 6),
         val_acc_best=round(result.best_accuracy, 4),
         val_acc_final=round(final_val, 4),
+        **({"measured_ms": round(checks[-1].measured_ms, 6)} if checks else {}),
     )
-    if result.best_cost > budget.limit * (1 + 1e-9):
+    if not checks and final_cost > budget.limit * (1 + 1e-9):
         raise BudgetError(
-            f"HAQ: the best policy costs {result.best_cost:.4g}{cost.unit}, over the budget {budget.limit:.4g}{cost.unit}"
+            f"HAQ: the best policy costs {final_cost:.4g}{cost.unit}, over the budget {budget.limit:.4g}{cost.unit}"
         )
     return env.ir
 
 
-def finalize_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int, lr: float) -> float:
-    """Set ``policy`` on the env's IR, fine-tune it on the whole training split, recalibrate, freeze.
+def _check_exported(setup: HaqSetup, ctx: Context, policy: Policy, phase: str) -> list[Check]:
+    """:func:`quant.haq.verify.verify_on_export` when the target is measured (else no checks), logged."""
+    if setup.meter is None or setup.exact_cost is None:
+        return []
+    _, checks = verify_on_export(
+        policy, setup.exact_cost, setup.meter, setup.budget, setup.levels, setup.project, phase=phase
+    )
+    for check in checks:
+        ctx.logger.info(
+            "haq (%s): exported candidate measures %.4g ms (predicted %.4g ms), budget target %.4g ms: %s",
+            phase,
+            check.measured_ms,
+            check.predicted_ms,
+            check.target_ms,
+            "met" if check.met else "over, lowering bits",
+        )
+    return checks
 
-    Returns the validation accuracy before freezing (freezing does not change the function).
-    Also how a uniform baseline is made comparable: the same steps with a uniform policy.
-    """
+
+def finetune_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int, lr: float) -> None:
+    """Set ``policy`` on the env's IR (float weights back) and fine-tune it on the whole training
+    split, then recalibrate the activation scales."""
     assert ctx.data is not None
     env.prepare(policy)
     if epochs > 0:
@@ -305,10 +432,25 @@ def finalize_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int,
             ctx.generator("haq-final"),
             desc="haq final fine-tune",
         )
-        calibrate(env.ir, env.calibration_batches())
+        env.calibrate()
+
+
+def freeze_policy(env: QuantizeEnv) -> float:
+    """Validation accuracy of the env's IR as it is, then its weights frozen for export (freezing
+    does not change the function)."""
     accuracy = env.accuracy()
     freeze(env.ir)  # weights onto their grids, scales as buffers; also refreshes the bits metadata
     return accuracy
+
+
+def finalize_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int, lr: float) -> float:
+    """Set ``policy`` on the env's IR, fine-tune it on the whole training split, recalibrate, freeze.
+
+    Returns the validation accuracy before freezing. Also how a uniform baseline is made
+    comparable: the same steps with a uniform policy.
+    """
+    finetune_policy(env, policy, ctx, epochs, lr)
+    return freeze_policy(env)
 
 
 def _fold_batchnorms(ir: IR) -> None:
@@ -332,22 +474,29 @@ def haq_section(
     ctx: Context,
     levels: BitLevels,
     final_val: float,
+    policy: Policy | None = None,
+    final_cost: float | None = None,
 ) -> dict[str, Any]:
-    """The ``haq`` block of ``report.json``."""
-    per_layer = cost.per_layer(result.best_policy)
+    """The ``haq`` block of ``report.json``: ``policy`` is the one exported (the search's best,
+    lowered further where its exported file measured over budget), ``final_cost`` its predicted cost."""
+    policy = result.best_policy if policy is None else policy
+    final_cost = result.best_cost if final_cost is None else final_cost
+    per_layer = cost.per_layer(policy)
     return {
         "target": ctx.target,
         "metric": budget.metric,
         "unit": cost.unit.strip(),
         "budget": budget.as_dict(),
-        "cost": result.best_cost,
-        "cost_ratio_of_8bit": result.best_cost / budget.reference_8bit if budget.reference_8bit else None,
-        "meets_budget": result.best_cost <= budget.limit * (1 + 1e-9),
+        "cost": final_cost,
+        "cost_ratio_of_8bit": final_cost / budget.reference_8bit if budget.reference_8bit else None,
+        "meets_budget": final_cost <= budget.limit * (1 + 1e-9),
         "levels": [_bits_text(b) for b in levels.levels],
         "policy": [
             {"layer": name, "weight_bits": _bits_text(w), "act_bits": _bits_text(a), "cost": c}
-            for name, (w, a), c in zip(result.layer_names, result.best_policy, per_layer, strict=True)
+            for name, (w, a), c in zip(result.layer_names, policy, per_layer, strict=True)
         ],
+        "search_best_policy": [[_bits_text(w), _bits_text(a)] for w, a in result.best_policy],
+        "search_best_cost": result.best_cost,
         "best_episode": result.best_episode,
         "episodes": len(result.curve),
         "reward": result.best_reward,

@@ -123,42 +123,50 @@ def haq_search(
     fixed_act_bits: Bits = 8,
     on_episode: Callable[[EpisodeRecord], None] | None = None,
     exact_cost: Callable[[Policy], float] | None = None,
+    project: Callable[[Policy], Policy] | None = None,
+    table_first: bool = True,
 ) -> SearchResult:
     """Run ``episodes`` HAQ episodes and return the best policy (highest reward) and the curve.
 
     ``exact_cost`` (optional) is a slower, exact evaluation of the same metric: enforcement
-    runs on the fast table ``cost`` first and then continues on ``exact_cost`` until it fits,
-    and the episode's cost is the exact one.
+    runs on the fast table ``cost`` first (unless ``table_first`` is off: a table that is off
+    in either direction would lower bits for nothing) and then continues on ``exact_cost``
+    until it fits, and the episode's cost is the exact one. Enforcement aims at the budget's
+    ``target`` (its limit less the headroom margin). ``project`` maps a policy to the one the
+    target actually runs (ort-cpu: every layer int8 or float, :func:`quant.haq.hardware_cost.
+    int8_or_float`); costs are taken of projected policies and the episode measures one.
     """
     if episodes < 1:
         raise ValueError("HAQ needs at least one episode")
     agent = DDPGAgent(states.dim, states.steps, config, seed=seed)
     best: tuple[float, Policy, float, float, int] | None = None
     curve: list[EpisodeRecord] = []
+    proj: Callable[[Policy], Policy] = project if project is not None else (lambda p: p)
+    stages: list[Callable[[Policy], float]] = []
+    if exact_cost is None or table_first:
+        stages.append(cost)
+    if exact_cost is not None:
+        stages.append(exact_cost)
+
+    def projected(stage: Callable[[Policy], float]) -> Callable[[Policy], float]:
+        return lambda p: stage(proj(p))
+
     for episode in range(episodes):
         t0 = time.perf_counter()
         raw, transitions = run_episode_actions(agent, states, levels, episode, fixed_act_bits)
         t1 = time.perf_counter()
-        policy, steps = enforce(
-            raw,
-            cost,
-            budget.limit,
-            levels,
-            lower_activations=cost.two_steps,
-            what=cost.metric,
-            unit=cost.unit,
-        )
-        if exact_cost is not None:
+        policy, steps = proj(raw), 0
+        for stage in stages:
             policy, more = enforce(
                 policy,
-                exact_cost,
-                budget.limit,
+                projected(stage),
+                budget.target,
                 levels,
                 lower_activations=cost.two_steps,
                 what=cost.metric,
                 unit=cost.unit,
             )
-            steps += more
+            policy, steps = proj(policy), steps + more
         policy_cost = exact_cost(policy) if exact_cost is not None else cost(policy)
         t2 = time.perf_counter()
         outcome = evaluate(policy)
