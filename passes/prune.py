@@ -18,11 +18,19 @@ The IR that comes out is the physically smaller graph, so the exported ONNX is t
 model. Parameters, MACs and (on ``ort-cpu``) measured latency before and after are recorded.
 
 A budget (``macs_target``, default 0.5 of the MACs) stops the search once enough structure is
-gone. Scales start at 1 and the soft threshold moves them by at most ηγ per step, so with the
-paper's γ = 0.001 they reach zero only after tens of thousands of steps (the paper's budget,
-not a CPU run's); when the search ends above the budget the smallest λ are ranked out, as
-Network Slimming (Liu et al., ICCV 2017) does with L1-trained scales. ``macs_target=0`` is the
-pure method: only scales that reached exactly zero are removed.
+gone. Scales start at 1 and the soft threshold lowers them by ηγ per step (about ηγ/(1 − μ) with
+APG's momentum); with the paper's γ = 0.001 they reach zero only after tens of thousands of
+steps (the paper's budget, not a CPU run's). When the search ends above the budget the lowest
+scales are ranked out, as Network Slimming (Liu et al., ICCV 2017) does with L1-trained scales,
+relative to their gate (``cut_score``, see :mod:`nas.dso.ranking`: a gate between two
+BatchNorms can be scaled as a whole without changing the network, so only differences inside a
+gate mean something). ``budget_points`` spreads that ranking over the search, so the weights
+train on with the smaller structure. ``macs_target=0`` is the pure method: only scales that
+reached exactly zero are removed.
+
+``scale_batches=split`` (default) takes λ's gradient from the other half of the data, as
+DSO-NAS does; ``joint`` takes both gradients from one batch, as Sparse Structure Selection does:
+at equal compute the weights then get twice the updates and all of the data.
 """
 
 from __future__ import annotations
@@ -66,9 +74,26 @@ class PruneOptions:
     search_epochs: int | None = option(None, "epochs of the sparse search (default: --epochs)")
     retrain_epochs: int = option(1, "epochs to retrain the pruned network")
     prune_every: int = option(1, "remove dead structure every this many search epochs")
+    scale_batches: Literal["split", "joint"] = option(
+        "split",
+        "where λ's gradient comes from: a batch of the other half of the training split (split, "
+        "DSO-NAS), or the weights' own batch (joint, as Sparse Structure Selection trains: one "
+        "forward/backward per step and the weights see all of the data)",
+    )
+    cut_score: Literal["relative", "lambda"] = option(
+        "relative",
+        "how λ are ranked out for macs_target: relative (λ times the BatchNorm weight before the gate, "
+        "over its gate's mean; scalar gates over the scalar gates' mean) or lambda (raw λ, globally)",
+    )
+    budget_points: int = option(
+        0,
+        "reach macs_target gradually in this many cuts spread over the search, so the weights adapt "
+        "while channels go; the search then runs all its epochs (0: rank out only at its end)",
+    )
     retrain: Literal["finetune", "scratch"] = option(
         "finetune", "fine-tune the pruned weights, or re-initialize them and train from scratch"
     )
+    retrain_lr: float | None = option(None, "learning rate of the retrain (cosine-annealed; default: lr)")
     channel_group: int = option(1, "channels per scale for channel gates (ties may make groups larger)")
     batch_size: int | None = option(None, "batch size (default: --batch-size)")
     measure: bool = option(True, "measure ort-cpu latency before and after (exports twice)")
@@ -186,7 +211,10 @@ class Prune(Pass):
 
         # 2. search: W on one half, λ on the other, pruning as scales reach zero
         epochs = opts.search_epochs if opts.search_epochs is not None else ctx.train.epochs
-        weights_half, scales_half = split_halves(ctx.data.train, ctx.generator("prune-split"))
+        weights_half: Any = ctx.data.train
+        scales_half: Any = None
+        if opts.scale_batches == "split":
+            weights_half, scales_half = split_halves(ctx.data.train, ctx.generator("prune-split"))
         settings_s = SearchSettings(
             epochs=epochs,
             batch_size=batch,
@@ -200,6 +228,8 @@ class Prune(Pass):
             progress=ctx.train.progress,
             device=device,
             macs_target=int(opts.macs_target * before["macs"]) if opts.macs_target > 0 else None,
+            cut_score=opts.cut_score,
+            budget_points=opts.budget_points,
         )
         result = search(ir, weights_half, scales_half, settings_s, ctx.generator("prune-search"), make_loader)
         if epochs == 0:
@@ -214,7 +244,8 @@ class Prune(Pass):
             _freeze_scales(ir)
         folded = fold_gates(ir)
         if opts.retrain_epochs > 0:
-            settings_r = replace(ctx.train, epochs=opts.retrain_epochs, lr=opts.lr, batch_size=batch)
+            retrain_lr = opts.retrain_lr if opts.retrain_lr is not None else opts.lr
+            settings_r = replace(ctx.train, epochs=opts.retrain_epochs, lr=retrain_lr, batch_size=batch)
             history["retrain"] = train_model(
                 ir.gm,
                 ctx.data.train,
@@ -275,8 +306,8 @@ class Prune(Pass):
             problems.append(f"prune.gamma must be >= 0, got {opts.gamma}")
         if not 0 <= opts.mu < 1:
             problems.append(f"prune.mu must be in [0, 1), got {opts.mu}")
-        if opts.lr <= 0:
-            problems.append(f"prune.lr must be > 0, got {opts.lr}")
+        if opts.lr <= 0 or (opts.retrain_lr is not None and opts.retrain_lr <= 0):
+            problems.append(f"prune.lr and prune.retrain_lr must be > 0, got {opts.lr}, {opts.retrain_lr}")
         if opts.weight_decay < 0 or opts.grad_clip <= 0:
             problems.append("prune.weight_decay must be >= 0 and prune.grad_clip > 0")
         if (
@@ -286,6 +317,8 @@ class Prune(Pass):
             problems.append("prune epochs must be >= 0 and prune.prune_every >= 1")
         if not 0 <= opts.macs_target <= 1:
             problems.append(f"prune.macs_target must be in [0, 1], got {opts.macs_target}")
+        if opts.budget_points < 0:
+            problems.append(f"prune.budget_points must be >= 0, got {opts.budget_points}")
         if opts.channel_group < 1:
             problems.append(f"prune.channel_group must be >= 1, got {opts.channel_group}")
         if problems:

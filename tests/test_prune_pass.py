@@ -101,3 +101,42 @@ def test_prune_refuses_bad_options_and_missing_data(tmp_path):
         )
     with pytest.raises(BadInputError, match="--data"):
         Pipeline(["prune"], export=False).run(ir, make_ctx(tmp_path, None))
+
+
+def test_joint_batches_and_a_gradual_budget_through_the_pipeline(tmp_path, cifar_npz):
+    torch.set_num_threads(1)
+    data = load_data(f"npz:{cifar_npz}", seed=0, limit=320)
+    ir = builtin_ir("resnet", blocks="1")
+    options = {
+        "prune": {
+            "gamma": "0.001",
+            "macs_target": "0.5",
+            "scale_batches": "joint",
+            "budget_points": "2",
+            "cut_score": "relative",
+            "pretrain_epochs": "0",
+            "search_epochs": "2",
+            "retrain_epochs": "1",
+            "retrain_lr": "0.01",
+            "measure": "false",
+        }
+    }
+    ctx = make_ctx(tmp_path, data)
+    result = Pipeline(["prune"], options=options, export=False).run(ir, ctx)
+    summary = result.records[0].summary
+    # γ this small zeroes nothing in two epochs: the budget is met by the gradual cuts, and the
+    # search is not stopped when they reach it.
+    assert summary["macs_after"] <= 0.5 * summary["macs_before"]
+    assert summary["ranked_out"] > 0
+    section = ctx.sections["prune"]
+    assert not section["search_stopped_early"]
+    assert len(section["history"]["search"]) == 2
+    assert section["options"]["scale_batches"] == "joint" and section["options"]["retrain_lr"] == 0.01
+
+
+def test_prune_refuses_a_negative_budget_point_count(tmp_path):
+    ir = builtin_ir("resnet", blocks="1")
+    with pytest.raises(BadInputError, match=r"prune\.budget_points"):
+        Pipeline(["prune"], options={"prune": {"budget_points": "-1"}}, export=False).run(
+            ir, make_ctx(tmp_path, None)
+        )

@@ -26,6 +26,7 @@ from ir.errors import RunFailedError
 from ir.graph import IR
 from nas.dso.apg import APG
 from nas.dso.dead import apply_dead_structure
+from nas.dso.ranking import CutScore, budget_steps, meet_macs_target
 from nas.dso.shrink import ShrinkReport, shrink
 
 
@@ -101,6 +102,11 @@ class SearchSettings:
     #: Stop once the graph has at most this many MACs; if the scales have not got there on
     #: their own by the end, remove the smallest λ until it has (None: pure L1, zeros only).
     macs_target: int | None = None
+    #: How λ are compared when they are ranked out for ``macs_target`` (see :mod:`nas.dso.ranking`).
+    cut_score: CutScore = "relative"
+    #: Reach ``macs_target`` gradually, in this many cuts spread over the search (0: only at the
+    #: end); the search then runs all its epochs, the last part with the final structure.
+    budget_points: int = 0
     progress: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -140,6 +146,18 @@ def _carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None
                 new.state[p] = old.state[p]
 
 
+def _rebuilt_optimizers(
+    ir: IR, settings: SearchSettings, lr: float, opt_w: torch.optim.SGD, opt_l: APG | None
+) -> tuple[torch.optim.SGD, APG | None]:
+    """Optimizers over the parameters of the graph after a shrink, with surviving state kept."""
+    new_w = weight_optimizer(ir, lr, settings.momentum, settings.weight_decay)
+    new_l = scale_optimizer(ir, settings)
+    _carry_state(opt_w, new_w)
+    if opt_l is not None and new_l is not None:
+        _carry_state(opt_l, new_l)
+    return new_w, new_l
+
+
 def prune_now(ir: IR) -> tuple[ShrinkReport, int]:
     """Dead-structure propagation, then physical removal; returns the shrink report and how many
     gates the propagation zeroed."""
@@ -155,13 +173,17 @@ def _cycle(loader: Any) -> Iterator[Any]:
 def search(
     ir: IR,
     weights_half: Dataset[Any],
-    scales_half: Dataset[Any],
+    scales_half: Dataset[Any] | None,
     settings: SearchSettings,
     generator: torch.Generator,
     make_loader: Callable[..., Any],
     on_prune: Callable[[ShrinkReport], None] | None = None,
 ) -> SearchResult:
     """Alternate one SGD step on W (``weights_half``) and one APG step on λ (``scales_half``).
+
+    With ``scales_half=None`` both steps use the gradient of one batch of ``weights_half``
+    (joint training, as Sparse Structure Selection does): one forward/backward per step instead
+    of two, and the weights see all of the data.
 
     Cosine-annealed learning rate for both (as the DARTS/DSO CIFAR searches do); after every
     ``prune_every`` epochs and at the end, dead structure is removed from ``ir`` in place.
@@ -172,12 +194,16 @@ def search(
     opt_w = weight_optimizer(ir, settings.lr, settings.momentum, settings.weight_decay)
     opt_l = scale_optimizer(ir, settings)
     loader_w = make_loader(weights_half, settings.batch_size, True, generator, drop_last=True)
-    loader_l = make_loader(scales_half, settings.batch_size, True, generator, drop_last=True)
+    scales_iter = None
+    if scales_half is not None:
+        scales_iter = _cycle(make_loader(scales_half, settings.batch_size, True, generator, drop_last=True))
     steps_per_epoch = len(loader_w)
     total = max(1, settings.epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     step = 0
-    scales_iter = _cycle(loader_l)
+    gradual = settings.macs_target is not None and settings.budget_points > 0
+    schedule = budget_steps(total, settings.budget_points) if gradual else {}
+    start_macs = ir.mac_count()
     for epoch in range(1, settings.epochs + 1):
         ir.gm.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -195,7 +221,7 @@ def search(
                 for group in opt.param_groups if opt is not None else []:
                     group["lr"] = lr
             x, y = x.to(device), y.to(device)
-            # W step on the weights half.
+            # W step on the weights half (joint: W and λ from this one batch).
             opt_w.zero_grad(set_to_none=True)
             if opt_l is not None:
                 opt_l.zero_grad(set_to_none=True)
@@ -207,21 +233,25 @@ def search(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(ir.weight_parameters(), settings.grad_clip)
             opt_w.step()
-            # λ step on the scales half (the L1 term is the APG's soft threshold).
-            if opt_l is None:  # every gate was pruned away: only the weights still train
-                step += 1
-                loss_sum += value * int(y.shape[0])
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += int(y.shape[0])
-                continue
-            xs, ys = next(scales_iter)
-            xs, ys = xs.to(device), ys.to(device)
-            opt_w.zero_grad(set_to_none=True)
-            opt_l.zero_grad(set_to_none=True)
-            loss_fn(ir.gm(xs), ys).backward()
-            torch.nn.utils.clip_grad_norm_(ir.arch_parameters(), settings.grad_clip)
-            opt_l.step()
+            # λ step (the L1 term is the APG's soft threshold): on a batch of the scales half, or
+            # jointly with the gradient this batch already gave.
+            if opt_l is not None:
+                if scales_iter is not None:
+                    xs, ys = next(scales_iter)
+                    xs, ys = xs.to(device), ys.to(device)
+                    opt_w.zero_grad(set_to_none=True)
+                    opt_l.zero_grad(set_to_none=True)
+                    loss_fn(ir.gm(xs), ys).backward()
+                torch.nn.utils.clip_grad_norm_(ir.arch_parameters(), settings.grad_clip)
+                opt_l.step()
             step += 1
+            if step in schedule and settings.macs_target is not None:
+                allowed = start_macs - schedule[step] * (start_macs - settings.macs_target)
+                cut = meet_macs_target(ir, int(allowed), settings.cut_score)
+                if cut:
+                    result.ranked_out += cut
+                    ir.gm.train()
+                    opt_w, opt_l = _rebuilt_optimizers(ir, settings, lr, opt_w, opt_l)
             loss_sum += value * int(y.shape[0])
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += int(y.shape[0])
@@ -242,29 +272,12 @@ def search(
             stats["params"] = float(ir.param_count())
             if on_prune is not None:
                 on_prune(report)
-            new_w = weight_optimizer(ir, lr, settings.momentum, settings.weight_decay)
-            new_l = scale_optimizer(ir, settings)
-            _carry_state(opt_w, new_w)
-            if opt_l is not None and new_l is not None:
-                _carry_state(opt_l, new_l)
-            opt_w, opt_l = new_w, new_l
+            opt_w, opt_l = _rebuilt_optimizers(ir, settings, lr, opt_w, opt_l)
         result.history.append(stats)
-        if settings.macs_target is not None and ir.mac_count() <= settings.macs_target:
+        reached = settings.macs_target is not None and ir.mac_count() <= settings.macs_target
+        if reached and not gradual:
             result.stopped_early = epoch < settings.epochs
             break
     if settings.macs_target is not None and ir.mac_count() > settings.macs_target:
-        result.ranked_out = meet_macs_target(ir, settings.macs_target)
+        result.ranked_out += meet_macs_target(ir, settings.macs_target, settings.cut_score)
     return result
-
-
-def meet_macs_target(ir: IR, macs_target: int) -> int:
-    """Zero the smallest λ (global ranking) until the shrunk graph has at most ``macs_target``
-    MACs, and shrink ``ir`` in place to it; returns how many λ entries were zeroed. As for the
-    magnitude baseline, every channel gate keeps its largest 10% (branch gates may go whole)."""
-    from nas.dso.magnitude import bisect_prune, lambda_scores, protect_layers
-
-    scores = protect_layers(ir, [s for s in lambda_scores(ir) if s.score > 0])
-    pruned, count = bisect_prune(ir, scores, macs_target)
-    ir.gm = pruned.gm
-    ir.propagate()
-    return count
