@@ -7,8 +7,9 @@ second order. Each configuration runs in its own subprocess so that its peak res
 ``--steps`` steps after ``--warmup`` steps.
 
 Baseline in the same run: ``reference`` computes the way the DARTS code does (every candidate
-including the zero op, one ReLU per candidate, a copied model for the unrolled weights, full
-``backward()`` calls); ``lean`` is fxsculpt's implementation. Runs alternate between the two
+including the zero op, one ReLU per candidate, dilated convolutions as they are, NCHW tensors, a
+copied model for the unrolled weights, full ``backward()`` calls); ``lean`` is fxsculpt's
+implementation as the ``darts`` pass runs it (channels-last on CPU). Runs alternate between the two
 (the machine is shared and its speed drifts) and the table reports lean / reference ratios,
 next to the figures the issue quotes for a public port measured on this machine.
 
@@ -61,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
     ]
     torch.manual_seed(2)
     model = SearchNetwork(10, 3, args.channels, args.layers, lean=lean)
-    if args.channels_last:
+    if lean and args.layout == "nhwc":  # what the darts pass does on CPU (darts.channels_last)
         model = model.to(memory_format=torch.channels_last)
         data = [
             tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in d)
@@ -96,15 +97,14 @@ def run_config(order: int, impl: str, args: argparse.Namespace) -> dict[str, obj
         "--child",
         f"--order={order}",
         f"--impl={impl}",
-        f"--steps={args.steps}",
-        f"--warmup={args.warmup}",
+        f"--steps={args.steps if impl == 'lean' else args.reference_steps}",
+        f"--warmup={args.warmup if impl == 'lean' else args.reference_warmup}",
         f"--batch={args.batch}",
         f"--layers={args.layers}",
         f"--channels={args.channels}",
         f"--threads={args.threads}",
     ]
-    if args.channels_last:
-        cmd.append("--channels-last")
+    cmd.append(f"--layout={args.layout}")
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -128,13 +128,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up")
     parser.add_argument("--orders", default="1,2", help="comma-separated DARTS orders to measure")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per configuration")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the lean search")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of the lean search")
+    parser.add_argument(
+        "--reference-steps", type=int, default=3, help="timed steps of the reference (slow on CPU)"
+    )
+    parser.add_argument("--reference-warmup", type=int, default=1, help="warm-up steps of the reference")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true", help="NHWC tensors (an experiment)")
+    parser.add_argument(
+        "--layout",
+        choices=("nhwc", "nchw"),
+        default="nhwc",
+        help="memory layout of the lean search (the darts pass's default is nhwc; the reference is always nchw)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--order", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="lean", help=argparse.SUPPRESS)
@@ -144,6 +153,7 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.warmup = 3, 1
+        args.reference_steps, args.reference_warmup = 1, 1
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     rows = []
@@ -182,7 +192,16 @@ def main() -> None:
                 "memory_vs_public_port": lean_m / min(port["peak_rss_gb"]),
             }
         )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     settings = {
+        "cpu": cpu,
         "layers": args.layers,
         "channels": args.channels,
         "batch": args.batch,
@@ -191,8 +210,10 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,
+        "reference_steps": args.reference_steps,
+        "reference_warmup": args.reference_warmup,
         "rounds": args.rounds,
-        "channels_last": args.channels_last,
+        "lean_layout": args.layout,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
@@ -240,8 +261,9 @@ def main() -> None:
     text = (
         "# DARTS search step: lean vs reference computation\n\n"
         f"{args.layers} cells, {args.channels} channels, batch {args.batch}, 32x32, 10 classes, "
-        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-ups; "
-        f"peak RSS of each configuration's own process. Load average before {' '.join(load_before)}, "
+        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-ups (reference: "
+        f"{args.reference_steps} after {args.reference_warmup}); "
+        f"peak RSS of each configuration's own process; {cpu}. Load average before {' '.join(load_before)}, "
         f"after {' '.join(load_after)} (shared machine).\n\n"
         f"{table}\n\n`python bench/bench_darts.py {' '.join(sys.argv[1:])}`\n"
     )

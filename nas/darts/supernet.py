@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nas.darts.mixed import EdgeInfo, MixedOp
-from nas.darts.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
+from nas.darts.ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, build_op
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:
@@ -91,7 +91,10 @@ class SearchCell(nn.Module):
 
 
 class SearchNetwork(nn.Module):
-    """The DARTS supernet for image classification (defaults: 8 cells, 16 channels, 4 nodes)."""
+    """The DARTS supernet for image classification (defaults: 8 cells, 16 channels, 4 nodes).
+
+    ``lean=False`` computes every edge the way the DARTS code does (the benchmark's baseline).
+    """
 
     def __init__(
         self,
@@ -147,6 +150,10 @@ class SearchNetwork(nn.Module):
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
+        if not lean:  # the DARTS code's computation throughout: dilated convs as they are
+            for module in self.modules():
+                if isinstance(module, DilConv):
+                    module.phase_split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(x)
