@@ -31,6 +31,11 @@ reached exactly zero are removed.
 ``scale_batches=split`` (default) takes λ's gradient from the other half of the data, as
 DSO-NAS does; ``joint`` takes both gradients from one batch, as Sparse Structure Selection does:
 at equal compute the weights then get twice the updates and all of the data.
+
+Each phase (``pretrain``, ``search``, ``retrain``) saves its whole state after every epoch in
+``OUT/checkpoints/prune/<phase>`` and ``--resume OUT`` continues where a killed run stopped;
+under torchrun all three train data-parallel (:mod:`training.distributed`), with λ and every
+removal identical on every rank.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from nas.dso.gating import fold_gates, gate_branches, gate_channels
 from nas.dso.search import SearchSettings, prune_now, search, split_halves
 from passes.base import Context, Pass
 from passes.options import option
+from training import distributed
+from training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -165,7 +172,9 @@ class Prune(Pass):
         check_labels(ctx.data, ir.num_classes)
         ir.propagate()
         before = {"params": ir.param_count(), "macs": ir.mac_count()}
-        latency_before = measure_latency_ms(ir, ctx.threads, ctx.target) if opts.measure else None
+        # Latency is measured by the process that reports (rank 0 under torchrun).
+        measure = opts.measure and distributed.is_main_process()
+        latency_before = measure_latency_ms(ir, ctx.threads, ctx.target) if measure else None
 
         existing = [m for m in ir.gm.modules() if isinstance(m, Gate)]
         branch_gates: list[str] = []
@@ -205,6 +214,7 @@ class Prune(Pass):
                 ctx.generator("prune-pretrain"),
                 desc="prune pretrain",
                 weight_decay=opts.weight_decay,
+                checkpoint=pass_checkpointer(ctx, "pretrain"),
             )
             for g in gates:
                 g.lam.requires_grad_(True)
@@ -231,7 +241,15 @@ class Prune(Pass):
             cut_score=opts.cut_score,
             budget_points=opts.budget_points,
         )
-        result = search(ir, weights_half, scales_half, settings_s, ctx.generator("prune-search"), make_loader)
+        result = search(
+            ir,
+            weights_half,
+            scales_half,
+            settings_s,
+            ctx.generator("prune-search"),
+            make_loader,
+            checkpoint=pass_checkpointer(ctx, "search"),
+        )
         if epochs == 0:
             prune_now(ir)
         history["search"] = result.history
@@ -254,11 +272,12 @@ class Prune(Pass):
                 ctx.generator("prune-retrain"),
                 desc=f"prune {opts.retrain}",
                 weight_decay=opts.weight_decay,
+                checkpoint=pass_checkpointer(ctx, "retrain"),
             )
         ir.gm.eval()
         ir.propagate()
         after = {"params": ir.param_count(), "macs": ir.mac_count()}
-        latency_after = measure_latency_ms(ir, ctx.threads, ctx.target) if opts.measure else None
+        latency_after = measure_latency_ms(ir, ctx.threads, ctx.target) if measure else None
         _, val_acc = evaluate(ir.gm, ctx.data.val, 256, device) if len(ctx.data.val) else (0.0, None)
 
         summary: dict[str, Any] = {

@@ -6,14 +6,24 @@ for generalization rather than fit. W takes an SGD step (momentum, weight decay,
 clipping); λ takes one APG step (:class:`nas.dso.apg.APG`), which has no weight decay and
 keeps λ ≥ 0. Every ``prune_every`` epochs the structure whose λ reached zero is removed
 (:func:`prune_now`), so later epochs are cheaper.
+
+Never losing work: with a :class:`~training.checkpoint.Checkpointer` the whole search state
+(weights and λ, the SGD and APG states, the data generator and every RNG, the history, the step
+that places the cosine schedule and the budget cuts) is saved after each epoch. The graph itself
+changes when structure is removed and cannot be stored as data, so each checkpoint also lists
+the removals so far with what they read of the model (:func:`structure_witness`); a resume
+replays them on the graph it starts from and continues after the last saved epoch exactly as
+an uninterrupted search would on CPU. Under torchrun both halves are sharded per global batch
+(:mod:`training.distributed`) and the gradients of W and λ are averaged over the ranks before
+their steps, so W, λ and every removal stay identical on every rank.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -22,12 +32,14 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from ir.constructs import Gate
-from ir.errors import RunFailedError
+from ir.errors import BadInputError, RunFailedError
 from ir.graph import IR
 from nas.dso.apg import APG
 from nas.dso.dead import apply_dead_structure
 from nas.dso.ranking import CutScore, budget_steps, meet_macs_target
 from nas.dso.shrink import ShrinkReport, shrink
+from training import distributed
+from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
 
 
 def split_halves(dataset: Dataset[Any], generator: torch.Generator) -> tuple[Subset[Any], Subset[Any]]:
@@ -110,6 +122,32 @@ class SearchSettings:
     progress: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def checkpoint_config(
+        self, weights_size: int, scales_size: int | None, start_macs: int, scales: int
+    ) -> dict[str, Any]:
+        """The settings a saved search depends on: a resume with other values is refused."""
+        return {
+            "kind": "dso-search",
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "gamma": self.gamma,
+            "weight_decay": self.weight_decay,
+            "grad_clip": self.grad_clip,
+            "prune_every": self.prune_every,
+            "adaptive_flops": self.adaptive_flops,
+            "macs_target": self.macs_target,
+            "cut_score": self.cut_score,
+            "budget_points": self.budget_points,
+            "scale_batches": "joint" if scales_size is None else "split",
+            "weights_size": weights_size,
+            "scales_size": scales_size,
+            "start_macs": start_macs,
+            "scales": scales,
+            "world_size": distributed.world_size(),
+        }
+
 
 @dataclass
 class SearchResult:
@@ -119,6 +157,26 @@ class SearchResult:
     #: λ entries set to zero by magnitude to meet ``macs_target`` (0 when the L1 got there).
     ranked_out: int = 0
     stopped_early: bool = False
+
+    def state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        return {
+            "history": [dict(h) for h in self.history],
+            "shrinks": [asdict(r) for r in self.shrinks],
+            "zeroed_gates": self.zeroed_gates,
+            "ranked_out": self.ranked_out,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SearchResult:
+        return cls(
+            history=[dict(h) for h in state["history"]],
+            shrinks=[ShrinkReport(**r) for r in state["shrinks"]],
+            zeroed_gates=int(state["zeroed_gates"]),
+            ranked_out=int(state["ranked_out"]),
+            stopped_early=bool(state["stopped_early"]),
+        )
 
 
 def weight_optimizer(ir: IR, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -165,9 +223,90 @@ def prune_now(ir: IR) -> tuple[ShrinkReport, int]:
     return shrink(ir), len(dead.zeroed_gates)
 
 
+# -- rebuilding the pruned structure on resume -----------------------------------------------------
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def structure_witness(ir: IR) -> dict[str, dict[str, torch.Tensor]]:
+    """What a removal reads of the model's values, small enough to keep one per removal.
+
+    Dead-structure propagation, the shrink's zero analysis and the ranking for a MAC budget read
+    λ, BatchNorm parameters and statistics, biases, and of a Conv/Linear weight only which
+    (output, input) kernels are entirely zero (:mod:`nas.dso.channels`). So every tensor is kept
+    as it is except those weights, of which the flat indices of the zero kernels are kept.
+    """
+    layer_weights = {f"{name}.weight" for name, m in ir.gm.named_modules() if isinstance(m, _LAYERS)}
+    exact: dict[str, torch.Tensor] = {}
+    zero_kernels: dict[str, torch.Tensor] = {}
+    for key, value in ir.gm.state_dict().items():
+        if key in layer_weights and value.dim() >= 2:
+            w = value.detach()
+            kernel_max = w.reshape(w.shape[0] * w.shape[1], -1).abs().amax(dim=1)
+            zero_kernels[key] = (kernel_max == 0).nonzero().flatten().cpu()
+        else:
+            exact[key] = value.detach().cpu().clone()
+    return {"exact": exact, "zero_kernels": zero_kernels}
+
+
+def load_witness(ir: IR, witness: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Give ``ir`` values for which a removal decides as it did when ``witness`` was taken
+    (Conv/Linear weights become ones with the recorded kernels at zero)."""
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for key, value in ir.gm.state_dict().items():
+            if key in witness["zero_kernels"]:
+                stand_in = torch.ones_like(value)
+                stand_in.view(value.shape[0] * value.shape[1], -1)[
+                    witness["zero_kernels"][key].to(value.device)
+                ] = 0
+                state[key] = stand_in
+            else:
+                state[key] = witness["exact"][key]
+        ir.gm.load_state_dict(state)
+    except (KeyError, RuntimeError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(
+            f"the checkpoint's pruned structure cannot be rebuilt on this model ({detail}); "
+            "resume with the same command"
+        ) from exc
+
+
+def _structure(ir: IR) -> dict[str, Any]:
+    """The graph's code and parameter shapes: what a resumed graph must match."""
+    return {
+        "code": ir.gm.code,
+        "shapes": {k: list(v.shape) for k, v in ir.gm.state_dict().items()},
+    }
+
+
+def _replay(ir: IR, removals: list[dict[str, Any]], cut_score: CutScore) -> None:
+    """Apply the saved removals, in order, to the graph the search started from."""
+    for removal in removals:
+        load_witness(ir, removal["witness"])
+        if removal["kind"] == "cut":
+            meet_macs_target(ir, int(removal["macs"]), cut_score)
+        else:
+            prune_now(ir)
+
+
 def _cycle(loader: Any) -> Iterator[Any]:
     while True:
         yield from loader
+
+
+def _loader(
+    dataset: Dataset[Any], batch_size: int, generator: torch.Generator, make_loader: Callable[..., Any] | None
+) -> Any:
+    """Shuffled batches from ``generator`` (this rank's shards of each global batch under torchrun)."""
+    if make_loader is not None and distributed.active() is None:
+        return make_loader(dataset, batch_size, True, generator, drop_last=True)
+    return distributed.shuffled_loader(dataset, batch_size, generator, drop_last=True)
+
+
+def _scaled_loss(loss: torch.Tensor, local: int) -> torch.Tensor:
+    """The local mean loss scaled so that averaged gradients are those of the global batch."""
+    return loss * distributed.local_loss_scale(local) if distributed.active() is not None else loss
 
 
 def search(
@@ -176,8 +315,11 @@ def search(
     scales_half: Dataset[Any] | None,
     settings: SearchSettings,
     generator: torch.Generator,
-    make_loader: Callable[..., Any],
+    make_loader: Callable[..., Any] | None = None,
     on_prune: Callable[[ShrinkReport], None] | None = None,
+    *,
+    checkpoint: Checkpointer | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> SearchResult:
     """Alternate one SGD step on W (``weights_half``) and one APG step on λ (``scales_half``).
 
@@ -187,51 +329,110 @@ def search(
 
     Cosine-annealed learning rate for both (as the DARTS/DSO CIFAR searches do); after every
     ``prune_every`` epochs and at the end, dead structure is removed from ``ir`` in place.
+
+    ``make_loader(dataset, batch, shuffle, generator, drop_last=)`` builds the one-process
+    loaders (default: :func:`training.distributed.shuffled_loader`, which under torchrun always
+    serves). With ``checkpoint`` the state is saved after every epoch and a resuming checkpointer
+    continues after the last saved one (see the module docstring); ``on_epoch`` is called after
+    each epoch run in this call. A non-finite loss, or weights that are no longer finite at an
+    epoch's end, stop the search with :class:`RunFailedError` before anything is saved.
     """
     result = SearchResult()
     device = settings.device
     ir.gm.to(device)
-    opt_w = weight_optimizer(ir, settings.lr, settings.momentum, settings.weight_decay)
-    opt_l = scale_optimizer(ir, settings)
-    loader_w = make_loader(weights_half, settings.batch_size, True, generator, drop_last=True)
-    scales_iter = None
+    n_weights = len(weights_half)  # type: ignore[arg-type]
+    n_scales = len(scales_half) if scales_half is not None else None  # type: ignore[arg-type]
+    start_macs = ir.mac_count()
+    config = settings.checkpoint_config(
+        n_weights, n_scales, start_macs, sum(g.lam.numel() for g in gate_modules(ir).values())
+    )
+    loader_w = _loader(weights_half, settings.batch_size, generator, make_loader)
+    loader_s = None
     if scales_half is not None:
-        scales_iter = _cycle(make_loader(scales_half, settings.batch_size, True, generator, drop_last=True))
+        loader_s = _loader(scales_half, settings.batch_size, generator, make_loader)
     steps_per_epoch = len(loader_w)
     total = max(1, settings.epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    step = 0
     gradual = settings.macs_target is not None and settings.budget_points > 0
     schedule = budget_steps(total, settings.budget_points) if gradual else {}
-    start_macs = ir.mac_count()
-    for epoch in range(1, settings.epochs + 1):
+    step = 0
+    first_epoch = 1
+    lr = settings.lr
+    #: Every removal so far with its witness, replayed by a resume (see :func:`structure_witness`).
+    removals: list[dict[str, Any]] = []
+    saved = checkpoint.load_latest(config) if checkpoint is not None else None
+    if saved is not None:
+        assert checkpoint is not None
+        removals = list(saved["extra"]["removals"])
+        _replay(ir, removals, settings.cut_score)
+        if _structure(ir) != saved["extra"]["structure"]:
+            raise BadInputError(
+                f"the pruned structure saved in {checkpoint.folder} cannot be rebuilt on this model; "
+                "resume with the same command, or start afresh in another output folder"
+            )
+    else:
+        distributed.broadcast_parameters(list(ir.gm.parameters()))
+        distributed.broadcast_buffers(ir.gm)
+    ir.gm.to(device)
+    ir.gm.train()
+    opt_w = weight_optimizer(ir, settings.lr, settings.momentum, settings.weight_decay)
+    opt_l = scale_optimizer(ir, settings)
+    if saved is not None:
+        extra = restore_training_state(
+            saved,
+            modules={"model": ir.gm},
+            optimizers={"weights": opt_w, "scales": opt_l},
+            generators={"data": generator},
+        )
+        result = SearchResult.from_state(extra["result"])
+        step = int(extra["step"])
+        first_epoch = int(extra["epoch"]) + 1
+        lr = float(extra["lr"])
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(first_epoch, settings.epochs + 1):
+        if result.stopped_early:
+            break  # a resumed search that had already met its budget
         ir.gm.train()
         loss_sum, correct, seen = 0.0, 0, 0
+        # Fresh iterators every epoch, so the generator's state at an epoch's end is all a
+        # resume needs (the scales half is never shorter than the weights half).
+        scales_iter = _cycle(loader_s) if loader_s is not None else None
         bar = tqdm(
             loader_w,
             desc=f"prune search {epoch}/{settings.epochs}",
             unit="batch",
             file=sys.stderr,
-            disable=not settings.progress,
+            disable=not (settings.progress and distributed.is_main_process()),
             leave=False,
         )
-        for x, y in bar:
+        for batch_index, (x, y) in enumerate(bar, start=1):
             lr = 0.5 * settings.lr * (1 + math.cos(math.pi * step / total))
             for opt in (opt_w, opt_l):
                 for group in opt.param_groups if opt is not None else []:
                     group["lr"] = lr
             x, y = x.to(device), y.to(device)
+            weights: list[torch.Tensor] = opt_w.param_groups[0]["params"]
             # W step on the weights half (joint: W and λ from this one batch).
             opt_w.zero_grad(set_to_none=True)
             if opt_l is not None:
                 opt_l.zero_grad(set_to_none=True)
             logits = ir.gm(x)
             loss = loss_fn(logits, y)
-            value = float(loss.detach())
+            hits = int((logits.detach().argmax(1) == y).sum())
+            value, batch = float(loss.detach()), int(y.shape[0])
+            if distributed.active() is not None:
+                # The global mean loss on every rank (and the same NaN), global hits and count.
+                totals = torch.tensor([value * batch, float(batch), float(hits)], dtype=torch.float64)
+                distributed.all_reduce_sum(totals)
+                value, batch, hits = float(totals[0] / totals[1]), int(totals[1]), int(totals[2])
             if not math.isfinite(value):
-                raise RunFailedError(f"prune search diverged: loss is {value} at epoch {epoch}, step {step}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ir.weight_parameters(), settings.grad_clip)
+                bar.close()
+                raise RunFailedError(
+                    f"prune search diverged: loss is {value} at epoch {epoch}, step {batch_index} "
+                    f"(lower prune.lr, now {lr:.3g}){_kept(checkpoint)}"
+                )
+            _scaled_loss(loss, len(y)).backward()
+            distributed.average_gradients(weights)
+            torch.nn.utils.clip_grad_norm_(weights, settings.grad_clip)
             opt_w.step()
             # λ step (the L1 term is the APG's soft threshold): on a batch of the scales half, or
             # jointly with the gradient this batch already gave.
@@ -241,21 +442,32 @@ def search(
                     xs, ys = xs.to(device), ys.to(device)
                     opt_w.zero_grad(set_to_none=True)
                     opt_l.zero_grad(set_to_none=True)
-                    loss_fn(ir.gm(xs), ys).backward()
-                torch.nn.utils.clip_grad_norm_(ir.arch_parameters(), settings.grad_clip)
+                    _scaled_loss(loss_fn(ir.gm(xs), ys), len(ys)).backward()
+                scales = [p for group in opt_l.param_groups for p in group["params"]]
+                distributed.average_gradients(scales)
+                torch.nn.utils.clip_grad_norm_(scales, settings.grad_clip)
                 opt_l.step()
             step += 1
             if step in schedule and settings.macs_target is not None:
-                allowed = start_macs - schedule[step] * (start_macs - settings.macs_target)
-                cut = meet_macs_target(ir, int(allowed), settings.cut_score)
+                allowed = int(start_macs - schedule[step] * (start_macs - settings.macs_target))
+                _align(ir)
+                witness = structure_witness(ir)
+                cut = meet_macs_target(ir, allowed, settings.cut_score)
+                removals.append({"kind": "cut", "macs": allowed, "witness": witness})
                 if cut:
                     result.ranked_out += cut
                     ir.gm.train()
                     opt_w, opt_l = _rebuilt_optimizers(ir, settings, lr, opt_w, opt_l)
-            loss_sum += value * int(y.shape[0])
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += int(y.shape[0])
+            loss_sum += value * batch
+            correct += hits
+            seen += batch
         bar.close()
+        _align(ir)
+        if not all_finite(ir.gm):
+            raise RunFailedError(
+                f"prune search diverged: the weights or scales are no longer finite after epoch {epoch} "
+                f"(lower prune.lr, now {lr:.3g}){_kept(checkpoint)}"
+            )
         lams = torch.cat([g.lam.detach().flatten() for g in gate_modules(ir).values()] or [torch.zeros(0)])
         stats = {
             "epoch": float(epoch),
@@ -265,7 +477,9 @@ def search(
             "scales": float(lams.numel()),
         }
         if epoch % max(settings.prune_every, 1) == 0 or epoch == settings.epochs:
+            witness = structure_witness(ir)
             report, zeroed = prune_now(ir)
+            removals.append({"kind": "prune", "witness": witness})
             result.shrinks.append(report)
             result.zeroed_gates += zeroed
             stats["macs"] = float(ir.mac_count())
@@ -277,7 +491,40 @@ def search(
         reached = settings.macs_target is not None and ir.mac_count() <= settings.macs_target
         if reached and not gradual:
             result.stopped_early = epoch < settings.epochs
+        if checkpoint is not None:
+            state = training_state(
+                modules={"model": ir.gm},
+                optimizers={"weights": opt_w, "scales": opt_l},
+                generators={"data": generator},
+                epoch=epoch,
+                step=step,
+                lr=lr,
+                result=result.state(),
+                removals=removals,
+                structure=_structure(ir),
+            )
+            checkpoint.save(epoch, {**state, "config": config})
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+        if reached and not gradual:
             break
     if settings.macs_target is not None and ir.mac_count() > settings.macs_target:
         result.ranked_out += meet_macs_target(ir, settings.macs_target, settings.cut_score)
     return result
+
+
+def _align(ir: IR) -> None:
+    """Under torchrun, rank 0's BatchNorm statistics and λ on every rank before a removal or a
+    checkpoint (gradients are averaged, so W and λ already agree; this guards the decisions)."""
+    if distributed.active() is None:
+        return
+    distributed.broadcast_buffers(ir.gm)
+    distributed.broadcast_parameters(ir.arch_parameters())
+
+
+def _kept(checkpoint: Checkpointer | None) -> str:
+    """The clause of a failure message that says which checkpoint survives."""
+    if checkpoint is None:
+        return ""
+    steps = checkpoint.steps()
+    return f"; the checkpoint of epoch {steps[-1]} was kept" if steps else "; no epoch had been checkpointed"
