@@ -144,6 +144,7 @@ def run_model(name: str, args: argparse.Namespace, data: Any, work: Path) -> dic
             data=data,
             target=target,
             seed=args.seed,
+            threads=args.threads,
             train=TrainSettings(epochs=args.final_epochs, batch_size=64, lr=0.05, progress=False),
         )
         t0 = time.perf_counter()
@@ -152,7 +153,13 @@ def run_model(name: str, args: argparse.Namespace, data: Any, work: Path) -> dic
         section = ctx.sections["haq"]
         # the uniform baseline: same budget, same cost table, same final fine-tune
         base_ctx = Context(
-            out_dir=stage, stage_dir=stage / "base", data=data, target=target, seed=args.seed, train=ctx.train
+            out_dir=stage,
+            stage_dir=stage / "base",
+            data=data,
+            target=target,
+            seed=args.seed,
+            threads=args.threads,
+            train=ctx.train,
         )
         base_opts = dataclasses.replace(opts, haq_measure=False)  # the uniform level is clear without it
         setup = prepare_haq(ir, base_ctx, base_opts)

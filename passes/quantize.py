@@ -11,6 +11,9 @@ QLinearConv/QGemm); 4-bit weights as opset-21 INT4, other widths in an 8-bit con
 The DFQ search and the fine-tunes checkpoint after every epoch, each phase in its own folder
 (``checkpoints/quantize/dfq-search``, ``.../<method>-finetune``), so ``--resume OUT`` continues
 where a killed run stopped; under torchrun they train data-parallel (:mod:`training.distributed`).
+HAQ checkpoints after every episode (``haq-search``) and its final fine-tune every epoch
+(``haq-finetune``), and evaluates its warm-up episodes on ``--workers`` Ray workers
+(:mod:`quant.haq.run`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -215,16 +216,83 @@ class QuantizeEnv:
     def accuracy(self) -> float:
         return evaluate(self.ir.gm, self.val, self.settings.eval_batch_size, self.device)[1]
 
-    def __call__(self, policy: Policy) -> Evaluation:
-        """One episode's measurement: prepare, fine-tune, evaluate (timed separately)."""
-        self.episode += 1
+    def evaluate(self, policy: Policy, episode: int) -> Evaluation:
+        """Episode ``episode``'s measurement: prepare, fine-tune, evaluate (timed separately).
+
+        A function of the policy and the episode index only (float weights restored, the
+        fine-tune's batch order seeded from the seed and the episode), so any copy of the
+        environment, in this process or on a Ray worker, measures the same.
+        """
         self.prepare(policy)
         t0 = time.perf_counter()
-        self.finetune(self.settings.finetune_epochs, self.settings.finetune_lr, salt=self.episode)
+        self.finetune(self.settings.finetune_epochs, self.settings.finetune_lr, salt=episode + 1)
         t1 = time.perf_counter()
         acc = self.accuracy()
         t2 = time.perf_counter()
         return Evaluation(accuracy=acc, finetune_s=t1 - t0, evaluate_s=t2 - t1)
+
+    def __call__(self, policy: Policy) -> Evaluation:
+        """The next episode's measurement (episodes counted by this environment)."""
+        self.episode += 1
+        return self.evaluate(policy, self.episode - 1)
+
+    def portable(self) -> QuantizeEnv:
+        """This environment, or a copy on the CPU when it runs elsewhere: what Ray workers get."""
+        if self.device.type == "cpu":
+            return self
+        clone = copy.copy(self)
+        clone.ir = IR(
+            copy.deepcopy(self.ir.gm).cpu(), self.ir.input_shape, self.ir.num_classes, self.ir.source
+        )
+        nodes = {node.name: node for node in clone.ir.gm.graph.nodes}
+        clone.layers = [nodes[node.name] for node in self.layers]
+        clone.pretrained = {
+            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.pretrained.items()
+        }
+        clone.device = torch.device("cpu")
+        return clone
+
+    # A pickled graph module is rebuilt from its code, with new nodes: the layers travel by name.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["layers"] = [node.name for node in self.layers]
+        state["ir"] = _picklable(self.ir)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        names = state.pop("layers")
+        self.__dict__.update(state)
+        nodes = {node.name: node for node in self.ir.gm.graph.nodes}
+        self.layers = [nodes[name] for name in names]
+
+
+def _picklable(ir: IR) -> IR:
+    """``ir``, or a copy without string type annotations on its nodes (a model traced from a module
+    with ``from __future__ import annotations`` has them, and fx cannot pickle its code then)."""
+    if not any(isinstance(node.type, str) for node in ir.gm.graph.nodes):
+        return ir
+    gm = copy.deepcopy(ir.gm)
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    return IR(gm, ir.input_shape, ir.num_classes, ir.source)
+
+
+@dataclass(frozen=True)
+class EpisodeEvaluator:
+    """Evaluates ``(episode, policy)`` items with :meth:`QuantizeEnv.evaluate`, each with the
+    global RNGs seeded from ``seed`` and the episode (picklable: Ray workers run it on their copy)."""
+
+    env: QuantizeEnv
+    seed: int
+
+    def __call__(self, item: tuple[int, Policy]) -> Evaluation:
+        from training.parallel import derive_seed, seeded_globals
+
+        episode, policy = item
+        with seeded_globals(derive_seed(self.seed, episode)):
+            return self.env.evaluate(policy, episode)
 
 
 def policy_as_bits(layer_names: Sequence[str], policy: Policy) -> Mapping[str, tuple[Bits, Bits]]:

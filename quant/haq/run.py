@@ -14,15 +14,35 @@ int8 and float models first (:mod:`quant.haq.calibration`), each layer is int8 o
 (:func:`quant.haq.hardware_cost.int8_or_float`), and the chosen policy's exported file is
 timed before and after the final fine-tune; while it measures over the budget the
 enforcement walk goes on (:mod:`quant.haq.verify`), so the file handed over meets it.
+
+Never losing work: with checkpoints on (the pipeline's output folder), the search saves its
+whole state after every episode in ``checkpoints/quantize/haq-search`` (:mod:`quant.haq.
+checkpoint`), the measured check before the fine-tune its outcome in ``haq-verify``, and the
+final fine-tune every epoch in ``haq-finetune`` (:func:`training.loop.train_model`);
+``--resume OUT`` continues each where it stopped and ends as the uninterrupted run on CPU.
+
+Parallel episodes (``--workers N``, through Ray, :func:`training.parallel.map_in_order`): DDPG
+is sequential, since every action after the warm-up comes from an actor that learnt from the
+previous episode's reward, and one episode's fine-tune is a single SGD run that cannot be split
+without changing its arithmetic. What is independent are the warm-up episodes (paper §3.4: 20
+of them by default, with uniform random actions that do not depend on any reward, and no agent
+update before the last one): they are acted and enforced in episode order in this process, then
+evaluated N at a time on the workers, then learnt from in order, so the agent sees exactly what
+it sees one by one. The episodes after the warm-up are evaluated in this process, one at a time.
+Every evaluation is a function of its policy and episode index only (float weights restored, the
+fine-tune's order and the global RNGs seeded from the seed and the episode, ``--threads``
+intra-op threads), so ``--workers N`` gives the sequential run's result, and the speed-up is
+bounded by the warm-up's share of the episodes (raise ``haq_warmup`` to widen it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +55,11 @@ from ir.graph import IR
 from passes.base import Context, TrainSettings
 from quant.haq.actions import BitLevels, Bits
 from quant.haq.calibration import Calibration, calibrate_latency
+from quant.haq.checkpoint import HaqCheckpoint
 from quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
 from quant.haq.ddpg import DDPGConfig
 from quant.haq.enforce import Policy
-from quant.haq.env import EnvSettings, QuantizeEnv
+from quant.haq.env import EnvSettings, EpisodeEvaluator, QuantizeEnv
 from quant.haq.hardware_cost import (
     ExactLatency,
     LatencySource,
@@ -51,11 +72,19 @@ from quant.haq.hardware_cost import (
 )
 from quant.haq.meter import PolicyMeter
 from quant.haq.options import HaqOptions
-from quant.haq.search import EpisodeRecord, SearchResult, haq_search, plot_curve, write_curve_json
+from quant.haq.search import (
+    EpisodeRecord,
+    Evaluation,
+    SearchResult,
+    haq_search,
+    plot_curve,
+    write_curve_json,
+)
 from quant.haq.state import LayerInfo, StateSpace, describe_layer
 from quant.haq.verify import Check, verify_on_export
 from quant.insert import freeze, insert_quantizers, layer_nodes
 from quant.modules import WeightQuantizer
+from training.checkpoint import Checkpointer, pass_checkpointer
 from training.loop import evaluate, train_model
 
 log = logging.getLogger(__name__)
@@ -301,6 +330,10 @@ def run_haq(
     on_episode: Callable[[EpisodeRecord], None] | None = None,
 ) -> IR:
     """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
+    if ctx.workers > 1:
+        from training.parallel import require_ray
+
+        require_ray()  # before any work: a one-line message when Ray is missing
     setup = prepare_haq(ir, ctx, opts, latency_table)
     try:
         return _search_and_finalize(setup, ctx, opts, on_episode)
@@ -324,6 +357,11 @@ def _search_and_finalize(
         opts.episodes,
     )
     fixed_act: Bits = 8
+    checkpoint = HaqCheckpoint(
+        pass_checkpointer(ctx, "haq-search"),
+        search_config(setup, ctx, opts),
+        counters={"cost": cost, "exact_cost": setup.exact_cost},
+    )
     result = haq_search(
         states,
         levels,
@@ -339,20 +377,25 @@ def _search_and_finalize(
         exact_cost=setup.exact_cost,
         project=setup.project,
         table_first=setup.project is None,  # ort-cpu: the table alone misprices mixed policies
+        evaluate_batch=episode_evaluator(env, ctx),
+        batch=ctx.workers,
+        checkpoint=checkpoint,
     )
 
     # on a measured target the exported file must measure within the budget: checked before the
     # final fine-tune (which then trains the policy handed over) and again after it, just before
     # the pipeline exports (the machine's load may have changed in between)
     policy = result.best_policy
-    checks = _check_exported(setup, ctx, policy, "before fine-tune")
+    checks = _check_before_finetune(setup, ctx, policy)
     if checks:
         policy = [(w, a) for w, a in checks[-1].policy]
     # (costed before finalizing: evaluating a cost sets bits on the IR that is about to be frozen)
     final_cost = setup.exact_cost(policy) if setup.exact_cost is not None and checks else result.best_cost
 
     final_epochs = ctx.train.epochs if opts.haq_final_epochs < 0 else opts.haq_final_epochs
-    finetune_policy(env, policy, ctx, final_epochs, opts.haq_final_lr)
+    finetune_policy(
+        env, policy, ctx, final_epochs, opts.haq_final_lr, checkpoint=pass_checkpointer(ctx, "haq-finetune")
+    )
     if setup.meter is not None:
         setup.meter.keep_weights = True  # the fine-tuned weights, bits set on them as they are
         after = _check_exported(setup, ctx, policy, "after fine-tune")
@@ -396,6 +439,75 @@ def _search_and_finalize(
     return env.ir
 
 
+def search_config(setup: HaqSetup, ctx: Context, opts: HaqOptions) -> dict[str, Any]:
+    """The settings a saved search depends on: a checkpoint made with others is refused.
+
+    The budget enters as given (metric, ``--budget`` limit or ratio), not as resolved: on a
+    measured target the resolved limit moves with the machine's timing.
+    """
+    assert ctx.data is not None
+    metric, absolute, _ = choose_metric(opts, ctx.budget)  # (a ratio is among the options)
+    haq_fields = {f.name for f in dataclasses.fields(HaqOptions)}
+    return {
+        "seed": ctx.seed,
+        "target": ctx.target,
+        "metric": metric,
+        "budget": absolute,
+        "layers": [layer.name for layer in setup.states.layers],
+        "levels": list(setup.levels.levels),
+        "batch_size": ctx.train.batch_size,
+        "train_samples": len(ctx.data.train),
+        "val_samples": len(ctx.data.val),
+        **{k: v for k, v in dataclasses.asdict(opts).items() if k in haq_fields},
+    }
+
+
+def episode_evaluator(
+    env: QuantizeEnv, ctx: Context
+) -> Callable[[Sequence[tuple[int, Policy]]], list[Evaluation]]:
+    """Evaluates ``(episode, policy)`` items in order: several at once on Ray workers when
+    ``ctx.workers > 1``, else (and for single items) in this process, with the same results.
+
+    Either way each runs through :func:`training.parallel.map_in_order` with ``ctx.threads``
+    intra-op threads and the global RNGs seeded from the seed and its episode.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator("haq-episodes")))
+    local = EpisodeEvaluator(env, seed)
+    remote: EpisodeEvaluator | None = None
+
+    def run(items: Sequence[tuple[int, Policy]]) -> list[Evaluation]:
+        nonlocal remote
+        from training import parallel
+
+        items = list(items)
+        if ctx.workers > 1 and len(items) > 1:
+            remote = remote or EpisodeEvaluator(env.portable(), seed)
+            return parallel.map_in_order(
+                remote, items, ctx.workers, ctx.ray_address, seed=seed, threads=ctx.threads
+            )
+        return parallel.map_in_order(local, items, 1, seed=seed, threads=ctx.threads)
+
+    return run
+
+
+def _check_before_finetune(setup: HaqSetup, ctx: Context, policy: Policy) -> list[Check]:
+    """:func:`_check_exported` before the final fine-tune, its outcome kept in ``haq-verify``: a
+    resumed run fine-tunes the policy the killed one checked (a new measurement might differ)."""
+    if setup.meter is None or setup.exact_cost is None:
+        return []
+    saved = pass_checkpointer(ctx, "haq-verify")
+    config = {"policy": [[w, a] for w, a in policy]}
+    state = saved.load_latest(config) if saved is not None else None
+    if state is not None:
+        return [Check(**check) for check in state["checks"]]
+    checks = _check_exported(setup, ctx, policy, "before fine-tune")
+    if saved is not None:
+        saved.save(
+            0, {"kind": "haq_verify", "config": config, "checks": [dataclasses.asdict(c) for c in checks]}
+        )
+    return checks
+
+
 def _check_exported(setup: HaqSetup, ctx: Context, policy: Policy, phase: str) -> list[Check]:
     """:func:`quant.haq.verify.verify_on_export` when the target is measured (else no checks), logged."""
     if setup.meter is None or setup.exact_cost is None:
@@ -415,9 +527,16 @@ def _check_exported(setup: HaqSetup, ctx: Context, policy: Policy, phase: str) -
     return checks
 
 
-def finetune_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int, lr: float) -> None:
+def finetune_policy(
+    env: QuantizeEnv,
+    policy: Policy,
+    ctx: Context,
+    epochs: int,
+    lr: float,
+    checkpoint: Checkpointer | None = None,
+) -> None:
     """Set ``policy`` on the env's IR (float weights back) and fine-tune it on the whole training
-    split, then recalibrate the activation scales."""
+    split, then recalibrate the activation scales. ``checkpoint`` saves every epoch and resumes."""
     assert ctx.data is not None
     env.prepare(policy)
     if epochs > 0:
@@ -431,6 +550,7 @@ def finetune_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int,
             ctx.device,
             ctx.generator("haq-final"),
             desc="haq final fine-tune",
+            checkpoint=checkpoint,
         )
         env.calibrate()
 

@@ -7,7 +7,11 @@ validation accuracy) and rewards the agent with ``R = 0.1 · (acc_quant − acc_
 (paper eq. 9 with λ = 0.1, as in the official code). The best policy seen is kept.
 
 The loop is independent of models and data: ``evaluate`` is a callback, so the same code
-runs the real search and the synthetic problems the tests use.
+runs the real search and the synthetic problems the tests use. Warm-up episodes (uniform random
+actions, no agent update before the last of them) can be handed to a batch evaluator several at
+a time, e.g. to Ray workers (:mod:`quant.haq.run`); their rewards are learnt from in episode
+order with the agent's RNG as it was after each episode's actions, so batching changes nothing.
+After every episode the whole state can be checkpointed and resumed (:mod:`quant.haq.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quant.haq.actions import BitLevels, Bits
+from quant.haq.checkpoint import Best, HaqCheckpoint, SearchProgress
 from quant.haq.cost import BudgetSpec, CostModel
 from quant.haq.ddpg import DDPGAgent, DDPGConfig
 from quant.haq.enforce import Policy, enforce
@@ -110,6 +117,28 @@ def run_episode_actions(
     return policy, transitions
 
 
+@dataclass
+class PlannedEpisode:
+    """An episode up to its evaluation: the agent's actions, enforced and costed."""
+
+    episode: int
+    policy: Policy
+    transitions: list[tuple[Any, float, Any, bool]]
+    cost: float
+    enforce_steps: int
+    #: The agent generator's state right after this episode's actions: what a sequential run holds
+    #: when it learns from (and checkpoints) this episode, whatever was drawn for later ones.
+    agent_rng: torch.Tensor
+    act_s: float
+    hardware_s: float
+    #: The cost models' look-up counts once this episode was costed (see :class:`HaqCheckpoint`).
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+#: Evaluates ``(episode, policy)`` items, in order; the episode index seeds what it draws.
+BatchEvaluate = Callable[[Sequence[tuple[int, Policy]]], list[Evaluation]]
+
+
 def haq_search(
     states: StateSpace,
     levels: BitLevels,
@@ -125,6 +154,10 @@ def haq_search(
     exact_cost: Callable[[Policy], float] | None = None,
     project: Callable[[Policy], Policy] | None = None,
     table_first: bool = True,
+    *,
+    evaluate_batch: BatchEvaluate | None = None,
+    batch: int = 1,
+    checkpoint: HaqCheckpoint | None = None,
 ) -> SearchResult:
     """Run ``episodes`` HAQ episodes and return the best policy (highest reward) and the curve.
 
@@ -135,25 +168,33 @@ def haq_search(
     ``target`` (its limit less the headroom margin). ``project`` maps a policy to the one the
     target actually runs (ort-cpu: every layer int8 or float, :func:`quant.haq.hardware_cost.
     int8_or_float`); costs are taken of projected policies and the episode measures one.
+
+    ``evaluate_batch`` (optional) replaces ``evaluate``: it gets ``(episode, policy)`` pairs, up
+    to ``batch`` warm-up episodes at a time (their random actions do not depend on rewards, so
+    they can be evaluated together, e.g. in parallel), one at a time after the warm-up. The
+    rewards are then learnt from in episode order, exactly as one by one. ``checkpoint``
+    saves the whole state after every episode and, when it resumes, continues after the last
+    saved episode (see :mod:`quant.haq.checkpoint`).
     """
     if episodes < 1:
         raise ValueError("HAQ needs at least one episode")
     agent = DDPGAgent(states.dim, states.steps, config, seed=seed)
-    best: tuple[float, Policy, float, float, int] | None = None
-    curve: list[EpisodeRecord] = []
     proj: Callable[[Policy], Policy] = project if project is not None else (lambda p: p)
     stages: list[Callable[[Policy], float]] = []
     if exact_cost is None or table_first:
         stages.append(cost)
     if exact_cost is not None:
         stages.append(exact_cost)
+    if evaluate_batch is None:
+        evaluate_batch = lambda items: [evaluate(policy) for _, policy in items]  # noqa: E731
 
     def projected(stage: Callable[[Policy], float]) -> Callable[[Policy], float]:
         return lambda p: stage(proj(p))
 
-    for episode in range(episodes):
+    def plan(episode: int) -> PlannedEpisode:
         t0 = time.perf_counter()
         raw, transitions = run_episode_actions(agent, states, levels, episode, fixed_act_bits)
+        agent_rng = agent.generator.get_state()
         t1 = time.perf_counter()
         policy, steps = proj(raw), 0
         for stage in stages:
@@ -169,47 +210,77 @@ def haq_search(
             policy, steps = proj(policy), steps + more
         policy_cost = exact_cost(policy) if exact_cost is not None else cost(policy)
         t2 = time.perf_counter()
-        outcome = evaluate(policy)
+        counts = checkpoint.counts() if checkpoint is not None else {}
+        return PlannedEpisode(
+            episode, policy, transitions, policy_cost, steps, agent_rng, t1 - t0, t2 - t1, counts
+        )
+
+    progress = (checkpoint.restore(agent) if checkpoint is not None else None) or SearchProgress()
+
+    def finish(planned: PlannedEpisode, outcome: Evaluation, evaluation_s: float) -> None:
+        episode = planned.episode
         t3 = time.perf_counter()
         reward = reward_of(outcome.accuracy, original_accuracy)
         if not math.isfinite(reward):
             reward = -1.0  # a diverged fine-tune is the worst outcome, not a crash of the search
-        agent.store_episode(transitions, reward)
+        agent.generator.set_state(planned.agent_rng)
+        agent.store_episode(planned.transitions, reward)
         agent.learn_after_episode(episode, states.steps)
         t4 = time.perf_counter()
-        if best is None or reward > best[0]:
-            best = (reward, list(policy), outcome.accuracy, policy_cost, episode)
-        other_eval = max(t3 - t2 - outcome.finetune_s - outcome.evaluate_s, 0.0)
+        if progress.best is None or reward > progress.best.reward:
+            progress.best = Best(reward, list(planned.policy), outcome.accuracy, planned.cost, episode)
+        other_eval = max(evaluation_s - outcome.finetune_s - outcome.evaluate_s, 0.0)
+        agent_s = planned.act_s + (t4 - t3)
         record = EpisodeRecord(
             episode=episode,
             reward=reward,
             accuracy=outcome.accuracy,
-            cost=policy_cost,
+            cost=planned.cost,
             warmup=agent.exploring(episode),
             sigma=1.0 if agent.exploring(episode) else agent.sigma,
-            policy=[[w, a] for w, a in policy],
-            enforce_steps=steps,
+            policy=[[w, a] for w, a in planned.policy],
+            enforce_steps=planned.enforce_steps,
             seconds={
                 "finetune": outcome.finetune_s,
                 "evaluate": outcome.evaluate_s + other_eval,
-                "hardware": t2 - t1,
-                "agent": (t1 - t0) + (t4 - t3),
-                "total": t4 - t0,
+                "hardware": planned.hardware_s,
+                "agent": agent_s,
+                "total": agent_s + planned.hardware_s + evaluation_s,
             },
         )
-        curve.append(record)
+        progress.curve.append(record)
+        progress.next_episode = episode + 1
+        if checkpoint is not None:
+            checkpoint.save(episode + 1, agent, progress, planned.counts)
         if on_episode is not None:
             on_episode(record)
+
+    while progress.next_episode < episodes:
+        first = progress.next_episode
+        # warm-up episodes act at random, whatever the rewards: a batch of them is planned first
+        # (no update happens before the last warm-up episode is learnt from, so that one ends a batch)
+        last = (
+            min(first + max(1, batch), agent.config.warmup, episodes) if agent.exploring(first) else first + 1
+        )
+        planned = [plan(e) for e in range(first, last)]
+        t_eval = time.perf_counter()
+        outcomes = evaluate_batch([(p.episode, p.policy) for p in planned])
+        evaluation_s = (time.perf_counter() - t_eval) / len(planned)
+        if len(outcomes) != len(planned):
+            raise RuntimeError(f"{len(planned)} episodes were evaluated into {len(outcomes)} results")
+        for p, outcome in zip(planned, outcomes, strict=True):
+            finish(p, outcome, evaluation_s)
+    best = progress.best
     assert best is not None
     return SearchResult(
-        best_policy=best[1],
-        best_reward=best[0],
-        best_accuracy=best[2],
-        best_cost=best[3],
-        best_episode=best[4],
+        best_policy=best.policy,
+        best_reward=best.reward,
+        best_accuracy=best.accuracy,
+        best_cost=best.cost,
+        best_episode=best.episode,
         original_accuracy=original_accuracy,
         budget=budget,
-        curve=curve,
+        curve=progress.curve,
         layer_names=[layer.name for layer in states.layers],
         agent=agent,
     )
