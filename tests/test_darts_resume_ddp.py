@@ -23,6 +23,7 @@ from training.checkpoint import Checkpointer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import darts_ddp_worker  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 
 class _Crash(Exception):
@@ -164,18 +165,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_search_through_the_cli(tmp_
     assert got["metrics"]["accuracy_after"] == want["metrics"]["accuracy_after"]
 
 
-def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_processes_search_to_the_one_process_result(tmp_path: Path) -> None:
-    run = _torchrun([str(ROOT / "tests" / "darts_ddp_worker.py"), str(tmp_path)])
+    run = torchrun([str(ROOT / "tests" / "darts_ddp_worker.py"), str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ranks[0]["state"]:  # α and weights identical on both ranks

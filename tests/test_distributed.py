@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,20 +14,13 @@ from training.loop import train_model
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ddp_worker  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
 
-def _torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    run = _torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)])
+    run = torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)], timeout=180, threads=None)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["main"] for r in ranks] == [True, False]
@@ -65,7 +56,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
 @pytest.mark.slow
 def test_cli_under_torchrun_publishes_once_from_rank_zero(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = _torchrun(
+    run = torchrun(
         [
             str(ROOT / "cli.py"),
             "optimize",
@@ -87,6 +78,7 @@ def test_cli_under_torchrun_publishes_once_from_rank_zero(tmp_path: Path) -> Non
             "--quiet",
         ],
         timeout=300,
+        threads=None,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())

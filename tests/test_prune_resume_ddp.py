@@ -6,8 +6,6 @@ resuming) search to the one-process result with the same global batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from training.data import load_data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_ddp_worker as worker  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 
 def _edge_build() -> IR:
@@ -204,19 +203,10 @@ def test_the_pass_checkpoints_its_phases_apart_and_resumes(
 # -- torchrun: two processes, a crash and a resume, against one process ---------------------------------
 
 
-def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_processes_crash_resume_and_search_to_the_one_process_result(tmp_path: Path) -> None:
-    run = _torchrun([str(ROOT / "tests" / "prune_ddp_worker.py"), str(tmp_path)])
+    run = torchrun([str(ROOT / "tests" / "prune_ddp_worker.py"), str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     # Only rank 0 wrote checkpoints; they are of the 2-process run.
     saved = sorted((tmp_path / "checkpoints").glob("ckpt-*.pt"))
