@@ -7,12 +7,15 @@ against the identity; and a channels-last search step against the same step in N
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas.darts.mixed import grad_in_layout_of
-from nas.darts.ops import DilConv, dilated_depthwise
+from nas.darts.ops import DilConv, Pool, SepConv, _MaxPoolFromInput, dilated_depthwise
 from nas.darts.search import SearchSettings, make_optimizers, weight_step
 from nas.darts.supernet import SearchNetwork
 
@@ -37,12 +40,18 @@ def test_phase_split_equals_the_dilated_conv_and_its_gradients(
     out = dilated_depthwise(conv, x)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(reference)
-    expected = torch.autograd.grad(reference, [x, conv.weight], upstream)
-    got = torch.autograd.grad(out, [x, conv.weight], upstream)
+    expected = torch.autograd.grad(reference, [x, conv.weight], upstream, create_graph=True)
+    got = torch.autograd.grad(out, [x, conv.weight], upstream, create_graph=True)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=layout)
+    # second order (the exact Hessian-vector product differentiates these gradients again)
+    probe = torch.randn_like(x)
+    expected2 = torch.autograd.grad((expected[0] * probe).sum() + (expected[1] ** 2).sum(), [x, conv.weight])
+    got2 = torch.autograd.grad((got[0] * probe).sum() + (got[1] ** 2).sum(), [x, conv.weight])
+    for g, e in zip(got2, expected2):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_dil_conv_uses_the_phase_split_only_while_training_with_gradients() -> None:
@@ -107,3 +116,50 @@ def test_a_channels_last_second_order_step_equals_the_nchw_step() -> None:
     for a, b in zip(weights_cl, weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert all(not torch.equal(a, b) for a, b in zip(alphas, initial))  # the α steps moved every α
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_from_input_matches_autograds_max_pool_to_second_order(
+    stride: int, channels_last: bool
+) -> None:
+    """The search's max pooling keeps no indices; values, gradients and a double backward equal
+    torch's own max pooling (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    pool = Pool("max", 4, stride, bn=True).double().train()
+    ours = pool.pool  # the module the reference uses
+    got = _MaxPoolFromInput.apply(x, stride)
+    want = ours(x)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad(got, x, g, create_graph=True)
+    (g_want,) = torch.autograd.grad(want, x, g, create_graph=True)
+    assert torch.equal(g_got, g_want)
+    v = torch.randn_like(x)
+    (h_got,) = torch.autograd.grad((g_got * v).sum() + (got**2).sum(), x)
+    (h_want,) = torch.autograd.grad((g_want * v).sum() + (want**2).sum(), x)
+    torch.testing.assert_close(h_got, h_want, rtol=0, atol=1e-12)
+
+
+def test_sep_conv_training_step_equals_one_with_out_of_place_relus() -> None:
+    """SepConv overwrites its first BatchNorm's output with the second ReLU while training; the
+    output and every gradient equal the same op computed with out-of-place ReLUs."""
+    torch.manual_seed(0)
+    op = SepConv(4, 4, 3, 1, 1, affine=False).double().train()
+    reference = copy.deepcopy(op)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = op(x)
+    r = F.relu(x)
+    want = reference.second.bn(
+        reference.second.pointwise(reference.second.depthwise(F.relu(reference.first.body(r))))
+    )
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, [x, *op.parameters()], g)
+    want_grads = torch.autograd.grad(want, [x, *reference.parameters()], g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(a, b)

@@ -91,18 +91,71 @@ def dilated_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     half = (conv.kernel_size[0] - 1) // 2
     if conv.stride == (2, 2):
         return F.conv2d(x[:, :, ::2, ::2], conv.weight, conv.bias, 1, half, 1, conv.groups)
+    if conv.bias is not None:
+        return _merge_phases(F.conv2d(_stack_phases(x), conv.weight, conv.bias, 1, half, 1, conv.groups), x)
+    out: torch.Tensor = _PhaseSplitConv.apply(x, conv.weight, half, conv.groups)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _stack_phases(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (4N, C, H/2, W/2): the four 2x2 sub-grids of ``x`` stacked along the batch,
+    phase (a, b) first; in ``x``'s memory layout (each copy stays channels-last for NHWC)."""
     n, c, h, w = x.shape
     if is_nhwc(x):
-        # NHWC: split and merge in the physical order, so each copy stays channels-last.
         phases = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c).permute(2, 4, 0, 1, 3, 5)
-        stacked = phases.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
-        out = F.conv2d(stacked, conv.weight, conv.bias, 1, half, 1, conv.groups)
-        merged = out.permute(0, 2, 3, 1).reshape(2, 2, n, h // 2, w // 2, c).permute(2, 3, 0, 4, 1, 5)
+        return phases.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).permute(3, 5, 0, 1, 2, 4).reshape(4 * n, c, h // 2, w // 2)
+
+
+def _merge_phases(stacked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_stack_phases`: interleave the sub-grids back to ``like``'s shape."""
+    n, _, h, w = like.shape
+    c = stacked.shape[1]
+    if is_nhwc(like):
+        merged = stacked.permute(0, 2, 3, 1).reshape(2, 2, n, h // 2, w // 2, c).permute(2, 3, 0, 4, 1, 5)
         return merged.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    phases = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(3, 5, 0, 1, 2, 4)
-    out = F.conv2d(phases.reshape(4 * n, c, h // 2, w // 2), conv.weight, conv.bias, 1, half, 1, conv.groups)
-    merged = out.reshape(2, 2, n, c, h // 2, w // 2).permute(2, 3, 4, 0, 5, 1)
-    return merged.reshape(n, c, h, w)
+    return stacked.reshape(2, 2, n, c, h // 2, w // 2).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h, w)
+
+
+class _PhaseSplitConv(torch.autograd.Function):
+    """A stride-1 phase-split depthwise conv that keeps its input, not the stacked copy of it:
+    the backward stacks the input again (a copy per backward instead of one more activation
+    kept per op). Built from differentiable ops, so a double backward still works."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        half: int,
+        groups: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.half, ctx.groups = half, groups  # type: ignore[attr-defined]
+        return _merge_phases(F.conv2d(_stack_phases(x), weight, None, 1, half, 1, groups), x)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        half, groups = ctx.half, ctx.groups  # type: ignore[attr-defined]
+        layout = torch.channels_last if is_nhwc(x) else torch.contiguous_format
+        grad_stacked = _stack_phases(grad.contiguous(memory_format=layout))
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_stacked,
+            _stack_phases(x),
+            weight,
+            None,
+            [1, 1],
+            [half, half],
+            [1, 1],
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],  # type: ignore[attr-defined]
+        )
+        return (_merge_phases(grad_x, x) if grad_x is not None else None), grad_w, None, None
 
 
 class DilConv(ReluFirst):
@@ -151,7 +204,11 @@ class SepConv(ReluFirst):
         self.second = DilConv(c_in, c_out, kernel, 1, padding, 1, affine)
 
     def body(self, r: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first.body(r))
+        mid = self.first.body(r)
+        # While training, the second ReLU may overwrite the first BatchNorm's output: BatchNorm's
+        # backward reads its input, not its output, so one activation per op need not be kept.
+        inplace = self.training and torch.is_grad_enabled()
+        return self.second.body(F.relu(mid, inplace=inplace))
 
 
 class FactorizedReduce(ReluFirst):
@@ -177,8 +234,39 @@ class FactorizedReduce(ReluFirst):
         return self.bn(torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1))
 
 
+class _MaxPoolFromInput(torch.autograd.Function):
+    """3x3 max pooling (padding 1) whose backward finds the maxima again from the input.
+
+    Autograd's max pooling keeps an int64 index per output element, twice the bytes of the
+    float output; the input is kept anyway (it is the edge's input, which other candidates
+    save), so the search keeps nothing more. The backward is built from differentiable ops, so
+    a double backward (an exact Hessian-vector product) still works.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, stride: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.stride = stride  # type: ignore[attr-defined]
+        return F.max_pool2d(x, 3, stride, 1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        stride = ctx.stride  # type: ignore[attr-defined]
+        with torch.no_grad():
+            _, indices = F.max_pool2d(x, 3, stride, 1, return_indices=True)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, [3, 3], [stride, stride], [1, 1], [1, 1], False, indices
+        )
+        return grad_x, None
+
+
 class Pool(nn.Module):
-    """3x3 max or average pooling (average excludes padding), with BatchNorm during search."""
+    """3x3 max or average pooling (average excludes padding), with BatchNorm during search.
+
+    While the search trains, max pooling recomputes its maxima in the backward pass instead of
+    keeping their indices (:class:`_MaxPoolFromInput`): same values, less memory.
+    """
 
     def __init__(self, kind: str, channels: int, stride: int, bn: bool) -> None:
         super().__init__()
@@ -189,7 +277,10 @@ class Pool(nn.Module):
         self.bn = nn.BatchNorm2d(channels, affine=False) if bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pool(x)
+        if self.bn is not None and isinstance(self.pool, nn.MaxPool2d) and self.training and x.requires_grad:
+            out: torch.Tensor = _MaxPoolFromInput.apply(x, self.pool.stride)  # type: ignore[no-untyped-call]
+        else:
+            out = self.pool(x)
         return self.bn(out) if self.bn is not None else out
 
 
