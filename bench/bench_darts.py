@@ -11,10 +11,16 @@ including the zero op, one ReLU per candidate, dilated convolutions as they are,
 copied model for the unrolled weights, full ``backward()`` calls); ``lean`` is fxsculpt's
 implementation as the ``darts`` pass runs it (channels-last on CPU). Runs alternate between the two
 (the machine is shared and its speed drifts) and the table reports lean / reference ratios,
-next to the figures the issue quotes for a public port measured on this machine.
+next to the figures the issue quotes for a public port measured on another CPU.
+
+The public port itself (khanrc/pt.darts, not part of this repository) joins the alternation
+with ``--port DIR`` pointing at a checkout of it: its ``SearchCNNController`` and ``Architect``
+are imported from there and driven at the same settings (same data, same init seed, same
+optimizers as its search script), so the ratio lean / port is measured on this machine.
 
     python bench/bench_darts.py            # 10 steps after 2 warm-ups, both orders
     python bench/bench_darts.py --quick    # 3 steps after 1 warm-up
+    python bench/bench_darts.py --impls lean,port --port ../pt.darts
 """
 
 from __future__ import annotations
@@ -28,19 +34,75 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-#: The issue's figures for a public PyTorch port at these settings on this machine (two runs each).
-PUBLIC_PORT = {
+#: The issue's figures for a public PyTorch port at these settings (two runs each, on another CPU).
+ISSUE_PORT_FIGURES = {
     1: {"seconds": (9.6, 13.2), "peak_rss_gb": (5.65, 5.75)},
     2: {"seconds": (26.6, 27.7), "peak_rss_gb": (7.26, 7.30)},
 }
 
 
+def random_batches(args: argparse.Namespace) -> list[tuple[Any, Any, Any, Any]]:
+    """(train x, train y, val x, val y) for every step, made before timing."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randn(args.batch, 3, 32, 32, generator=generator),
+            torch.randint(0, 10, (args.batch,), generator=generator),
+            torch.randn(args.batch, 3, 32, 32, generator=generator),
+            torch.randint(0, 10, (args.batch,), generator=generator),
+        )
+        for _ in range(args.warmup + args.steps)
+    ]
+
+
+def port_child(args: argparse.Namespace) -> None:
+    """Time the public port's search step (its own classes, imported from ``--port``)."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(args.port).resolve()))
+    from architect import Architect  # type: ignore[import-not-found]
+    from models.search_cnn import SearchCNNController  # type: ignore[import-not-found]
+
+    torch.set_num_threads(args.threads)
+    data = random_batches(args)
+    torch.manual_seed(2)
+    criterion = nn.CrossEntropyLoss()
+    net = SearchCNNController(3, args.channels, 10, args.layers, criterion, device_ids=[0])
+    # the optimizers and hyper-parameters of the port's search script (its config defaults)
+    w_optim = torch.optim.SGD(net.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    alpha_optim = torch.optim.Adam(net.alphas(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    architect = Architect(net, 0.9, 3e-4)
+    net.train()
+    times = []
+    for x_t, y_t, x_v, y_v in data:
+        start = time.perf_counter()
+        alpha_optim.zero_grad()
+        if args.order == 2:
+            architect.unrolled_backward(x_t, y_t, x_v, y_v, 0.025, w_optim)
+        else:
+            net.loss(x_v, y_v).backward()
+        alpha_optim.step()
+        w_optim.zero_grad()
+        criterion(net(x_t), y_t).backward()
+        nn.utils.clip_grad_norm_(net.weights(), 5.0)
+        w_optim.step()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times[args.warmup :]}))
+
+
 def child(args: argparse.Namespace) -> None:
     """Build the supernet and time search steps; print one JSON line."""
+    if args.impl == "port":
+        port_child(args)
+        return
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -49,17 +111,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     lean = args.impl == "lean"
-    generator = torch.Generator().manual_seed(0)
-    steps = args.warmup + args.steps
-    data = [
-        (
-            torch.randn(args.batch, 3, 32, 32, generator=generator),
-            torch.randint(0, 10, (args.batch,), generator=generator),
-            torch.randn(args.batch, 3, 32, 32, generator=generator),
-            torch.randint(0, 10, (args.batch,), generator=generator),
-        )
-        for _ in range(steps)
-    ]
+    data = random_batches(args)
     torch.manual_seed(2)
     model = SearchNetwork(10, 3, args.channels, args.layers, lean=lean)
     if lean and args.layout == "nhwc":  # what the darts pass does on CPU (darts.channels_last)
@@ -88,23 +140,28 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"times": times[args.warmup :]}))
 
 
-def run_config(order: int, impl: str, args: argparse.Namespace) -> dict[str, object]:
+def run_config(order: int, impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in a fresh process; its step times and its own peak RSS."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    steps, warmup = (
+        (args.steps, args.warmup) if impl == "lean" else (args.baseline_steps, args.baseline_warmup)
+    )
     cmd = [
         sys.executable,
         __file__,
         "--child",
         f"--order={order}",
         f"--impl={impl}",
-        f"--steps={args.steps if impl == 'lean' else args.reference_steps}",
-        f"--warmup={args.warmup if impl == 'lean' else args.reference_warmup}",
+        f"--steps={steps}",
+        f"--warmup={warmup}",
         f"--batch={args.batch}",
         f"--layers={args.layers}",
         f"--channels={args.channels}",
         f"--threads={args.threads}",
+        f"--layout={args.layout}",
     ]
-    cmd.append(f"--layout={args.layout}")
+    if args.port:
+        cmd.append(f"--port={args.port}")
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -123,17 +180,84 @@ def run_config(order: int, impl: str, args: argparse.Namespace) -> dict[str, obj
     }
 
 
+def summarize(rows: list[dict[str, Any]], impls: list[str]) -> list[dict[str, Any]]:
+    """Per order: each implementation's median s/step and peak GB, and lean's ratios to the others."""
+    summary = []
+    for order in sorted({int(r["order"]) for r in rows}):
+        entry: dict[str, Any] = {"order": order}
+        for impl in impls:
+            runs = [r for r in rows if r["order"] == order and r["impl"] == impl]
+            entry[f"{impl}_s"] = statistics.median(float(r["median_s"]) for r in runs)
+            entry[f"{impl}_peak_rss_gb"] = max(float(r["peak_rss_gb"]) for r in runs)
+        for baseline in impls:
+            if baseline != "lean" and "lean" in impls:
+                entry[f"time_vs_{baseline}"] = entry["lean_s"] / entry[f"{baseline}_s"]
+                entry[f"memory_vs_{baseline}"] = entry["lean_peak_rss_gb"] / entry[f"{baseline}_peak_rss_gb"]
+        if "lean" in impls:
+            quoted = ISSUE_PORT_FIGURES[order]
+            entry["issue_port_s"] = quoted["seconds"]
+            entry["issue_port_peak_rss_gb"] = quoted["peak_rss_gb"]
+            entry["time_vs_issue_port"] = entry["lean_s"] / min(quoted["seconds"])
+            entry["memory_vs_issue_port"] = entry["lean_peak_rss_gb"] / min(quoted["peak_rss_gb"])
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict[str, Any]], impls: list[str]) -> str:
+    """One row per order: every implementation's time and memory, then lean's ratios."""
+    from tabulate import tabulate
+
+    headers = ["order"]
+    for impl in impls:
+        headers += [f"{impl} s/step", f"{impl} GB"]
+    baselines = [impl for impl in impls if impl != "lean"] if "lean" in impls else []
+    for baseline in baselines:
+        headers += [f"lean / {baseline} s", f"lean / {baseline} GB"]
+    if "lean" in impls:
+        headers += ["port s, GB (issue, other CPU)", "lean / issue s", "lean / issue GB"]
+    body = []
+    for entry in summary:
+        row: list[Any] = [entry["order"]]
+        for impl in impls:
+            row += [f"{entry[f'{impl}_s']:.2f}", f"{entry[f'{impl}_peak_rss_gb']:.2f}"]
+        for baseline in baselines:
+            row += [f"{entry[f'time_vs_{baseline}']:.2f}", f"{entry[f'memory_vs_{baseline}']:.2f}"]
+        if "lean" in impls:
+            s_lo, s_hi = entry["issue_port_s"]
+            m_lo, m_hi = entry["issue_port_peak_rss_gb"]
+            row += [
+                f"{s_lo}-{s_hi} s, {m_lo}-{m_hi} GB",
+                f"{entry['time_vs_issue_port']:.2f}",
+                f"{entry['memory_vs_issue_port']:.2f}",
+            ]
+        body.append(row)
+    return tabulate(body, headers=headers, tablefmt="github")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up")
     parser.add_argument("--orders", default="1,2", help="comma-separated DARTS orders to measure")
+    parser.add_argument(
+        "--impls",
+        default="reference,lean",
+        help="comma-separated implementations to alternate: reference, lean, port (needs --port)",
+    )
+    parser.add_argument("--port", help="a checkout of the public port khanrc/pt.darts (for --impls port)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of the lean search")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of the lean search")
     parser.add_argument(
-        "--reference-steps", type=int, default=3, help="timed steps of the reference (slow on CPU)"
+        "--baseline-steps", type=int, default=3, help="timed steps of reference and port (slow on CPU)"
     )
-    parser.add_argument("--reference-warmup", type=int, default=1, help="warm-up steps of the reference")
+    parser.add_argument("--baseline-warmup", type=int, default=1, help="warm-up steps of reference and port")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16)
@@ -151,15 +275,21 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
+    unknown = sorted(set(impls) - {"reference", "lean", "port"})
+    if unknown:
+        parser.error(f"unknown implementation(s) {', '.join(unknown)}; choose from reference, lean, port")
+    if "port" in impls and not (args.port and (Path(args.port) / "models" / "search_cnn.py").is_file()):
+        parser.error("--impls port needs --port DIR, a checkout of khanrc/pt.darts (models/search_cnn.py)")
     if args.quick:
         args.steps, args.warmup = 3, 1
-        args.reference_steps, args.reference_warmup = 1, 1
+        args.baseline_steps, args.baseline_warmup = 1, 1
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     rows = []
     for _ in range(args.rounds):
         for order in [int(o) for o in args.orders.split(",")]:
-            for impl in ("reference", "lean"):
+            for impl in impls:
                 row = run_config(order, impl, args)
                 print(
                     f"order {order} {impl:9s}: median {row['median_s']:.2f} s/step, peak RSS {row['peak_rss_gb']:.2f} GB",
@@ -168,40 +298,11 @@ def main() -> None:
                 rows.append(row)
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[:3]
-    summary = []
-    for order in sorted({int(r["order"]) for r in rows}):  # type: ignore[call-overload]
-        ref = [r for r in rows if r["order"] == order and r["impl"] == "reference"]
-        lean = [r for r in rows if r["order"] == order and r["impl"] == "lean"]
-        ref_s = statistics.median(float(r["median_s"]) for r in ref)  # type: ignore[arg-type]
-        lean_s = statistics.median(float(r["median_s"]) for r in lean)  # type: ignore[arg-type]
-        ref_m = max(float(r["peak_rss_gb"]) for r in ref)  # type: ignore[arg-type]
-        lean_m = max(float(r["peak_rss_gb"]) for r in lean)  # type: ignore[arg-type]
-        port = PUBLIC_PORT[order]
-        summary.append(
-            {
-                "order": order,
-                "reference_s": ref_s,
-                "lean_s": lean_s,
-                "time_ratio": lean_s / ref_s,
-                "reference_peak_rss_gb": ref_m,
-                "lean_peak_rss_gb": lean_m,
-                "memory_ratio": lean_m / ref_m,
-                "public_port_s": port["seconds"],
-                "public_port_peak_rss_gb": port["peak_rss_gb"],
-                "time_vs_public_port": lean_s / min(port["seconds"]),
-                "memory_vs_public_port": lean_m / min(port["peak_rss_gb"]),
-            }
-        )
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
+    summary = summarize(rows, impls)
+    cpu = cpu_name()
     settings = {
         "cpu": cpu,
+        "impls": impls,
         "layers": args.layers,
         "channels": args.channels,
         "batch": args.batch,
@@ -210,8 +311,8 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,
-        "reference_steps": args.reference_steps,
-        "reference_warmup": args.reference_warmup,
+        "baseline_steps": args.baseline_steps,
+        "baseline_warmup": args.baseline_warmup,
         "rounds": args.rounds,
         "lean_layout": args.layout,
         "loadavg_before": load_before,
@@ -219,53 +320,20 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "darts_quick" if args.quick else "darts"
-    if args.orders != "1,2":
-        name += "_order" + args.orders.replace(",", "")
     (RESULTS / f"{name}.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n"
     )
-    from tabulate import tabulate
-
-    table = tabulate(
-        [
-            [
-                s["order"],
-                f"{s['reference_s']:.2f}",
-                f"{s['lean_s']:.2f}",
-                f"{s['time_ratio']:.2f}",
-                f"{s['reference_peak_rss_gb']:.2f}",
-                f"{s['lean_peak_rss_gb']:.2f}",
-                f"{s['memory_ratio']:.2f}",
-                f"{s['public_port_s'][0]}-{s['public_port_s'][1]}",
-                f"{s['time_vs_public_port']:.2f}",
-                f"{s['public_port_peak_rss_gb'][0]}-{s['public_port_peak_rss_gb'][1]}",
-                f"{s['memory_vs_public_port']:.2f}",
-            ]
-            for s in summary
-        ],
-        headers=[
-            "order",
-            "reference s/step",
-            "lean s/step",
-            "time ratio",
-            "reference GB",
-            "lean GB",
-            "memory ratio",
-            "public port s (issue)",
-            "lean / port s",
-            "public port GB (issue)",
-            "lean / port GB",
-        ],
-        tablefmt="github",
-    )
     text = (
-        "# DARTS search step: lean vs reference computation\n\n"
+        "# DARTS search step: fxsculpt (lean) against the DARTS computation and a public port\n\n"
         f"{args.layers} cells, {args.channels} channels, batch {args.batch}, 32x32, 10 classes, "
-        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-ups (reference: "
-        f"{args.reference_steps} after {args.reference_warmup}); "
-        f"peak RSS of each configuration's own process; {cpu}. Load average before {' '.join(load_before)}, "
-        f"after {' '.join(load_after)} (shared machine).\n\n"
-        f"{table}\n\n`python bench/bench_darts.py {' '.join(sys.argv[1:])}`\n"
+        f"{args.threads} threads; lean: median of {args.steps} steps after {args.warmup} warm-ups; "
+        f"{', '.join(i for i in impls if i != 'lean') or 'baselines'}: {args.baseline_steps} after "
+        f"{args.baseline_warmup}; peak RSS of each configuration's own process; {cpu}. "
+        f"Load average before {' '.join(load_before)}, after {' '.join(load_after)} (shared machine).\n\n"
+        "reference = the DARTS code's computation rebuilt in this repository (NCHW, dilated convs, "
+        "every candidate); port = khanrc/pt.darts run from its own checkout; the issue's port "
+        "figures were taken on another CPU and are shown for scale only.\n\n"
+        f"{markdown_table(summary, impls)}\n\n`python bench/bench_darts.py {' '.join(sys.argv[1:])}`\n"
     )
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
