@@ -10,6 +10,11 @@ For each built-in model (``builtin:resnet``, ``builtin:mobilenet``, CIFAR-sized 
 - the time to build the tables from a cold cache (a temporary folder) and a warm lookup;
 - the analytical ``bitserial`` latency at uniform 8/6/4/2 bits (labelled as a model).
 
+The machine's speed drifts within a run (a shared VM), and a prediction made from tables built
+at one moment is compared with a model measured at another; so the whole benchmark repeats
+``--repeats`` times (default 3), each from a cold cache, and the table reports the median of
+each number over the runs next to every run's error.
+
 Run: ``python bench/bench_hardware.py`` (about two minutes on two cores). Writes
 ``bench/results/hardware.json`` and ``bench/results/hardware.md``. The machine is shared and
 noisy: every ratio compares numbers taken in the same run, and each measurement carries its
@@ -19,8 +24,10 @@ p90/median spread.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -171,6 +178,29 @@ def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
     return out
 
 
+_MEDIAN_KEYS = ("fp32_predicted_ms", "int8_predicted_ms", "fp32_error", "int8_error", "int8_speedup")
+
+
+def median_over_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The first run's records with every latency, prediction, error and speed-up replaced by its
+    median over the runs, and each run's errors kept alongside (``errors_by_run``)."""
+    merged = copy.deepcopy(runs[0])
+    for m, model in enumerate(merged):
+        for batch, row in model["batches"].items():
+            rows = [run[m]["batches"][batch] for run in runs]
+            for key in _MEDIAN_KEYS:
+                row[key] = statistics.median(r[key] for r in rows)
+            for kind in ("fp32", "int8"):
+                row[kind]["median_ms"] = statistics.median(r[kind]["median_ms"] for r in rows)
+                row[kind]["spread_ok"] = all(r[kind]["spread_ok"] for r in rows)
+            row["errors_by_run"] = {kind: [r[f"{kind}_error"] for r in rows] for kind in ("fp32", "int8")}
+    return merged
+
+
+def _errors(values: list[float]) -> str:
+    return " ".join(f"{100 * v:+.0f}" for v in values)
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         "# Hardware benchmark",
@@ -180,11 +210,13 @@ def render(results: dict[str, Any]) -> str:
         f"Latency in ms: median of timed runs after warm-up, on the `{results['clock']}` clock "
         "(CPU time of the one inference thread: the machine is shared, load average "
         f"{results['load_before']:.1f} before / {results['load_after']:.1f} after the run on "
-        f"{results['cores']} cores; wall-clock medians are in hardware.json). Error = predicted / measured - 1.",
+        f"{results['cores']} cores; wall-clock medians are in hardware.json). Error = predicted / measured - 1. "
+        f"Each number is the median over {len(results['runs'])} whole runs, each from a cold table cache; "
+        "'errors by run' lists every run's fp32 / int8 error in %.",
         "int8 = `quantize_static` QDQ, uint8 activations, int8 per-channel weights.",
         "",
-        "| model | batch | fp32 ms | int8 ms | int8 speed-up | fp32 predicted | fp32 error | int8 predicted | int8 error | spread ok (fp32/int8) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | batch | fp32 ms | int8 ms | int8 speed-up | fp32 predicted | fp32 error | int8 predicted | int8 error | errors by run (fp32 / int8) | spread ok (fp32/int8) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model in results["models"]:
         for batch, row in model["batches"].items():
@@ -192,6 +224,7 @@ def render(results: dict[str, Any]) -> str:
                 f"| {model['model']} | {batch} | {row['fp32']['median_ms']:.3f} | {row['int8']['median_ms']:.3f} "
                 f"| {row['int8_speedup']:.2f}x | {row['fp32_predicted_ms']:.3f} | {100 * row['fp32_error']:+.1f}% "
                 f"| {row['int8_predicted_ms']:.3f} | {100 * row['int8_error']:+.1f}% "
+                f"| {_errors(row['errors_by_run']['fp32'])} / {_errors(row['errors_by_run']['int8'])} "
                 f"| {row['fp32']['spread_ok']}/{row['int8']['spread_ok']} |"
             )
     lines += [
@@ -229,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated built-in models")
+    parser.add_argument("--repeats", type=int, default=3, help="whole runs, each from a cold table cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {
@@ -241,13 +275,21 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": os.getloadavg()[0],
         "models": [],
     }
-    with tempfile.TemporaryDirectory(prefix="fxsculpt-bench-hw-") as tmp:
-        work, cache = Path(tmp) / "work", Path(tmp) / "cache"
-        work.mkdir()
-        for name in args.models.split(","):
-            start = time.perf_counter()
-            results["models"].append(bench_model(name.strip(), work, cache))
-            print(f"{name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    runs: list[list[dict[str, Any]]] = []
+    for repeat in range(max(1, args.repeats)):
+        with tempfile.TemporaryDirectory(prefix="fxsculpt-bench-hw-") as tmp:
+            work, cache = Path(tmp) / "work", Path(tmp) / "cache"
+            work.mkdir()
+            models = []
+            for name in args.models.split(","):
+                start = time.perf_counter()
+                models.append(bench_model(name.strip(), work, cache))
+                print(
+                    f"run {repeat + 1}: {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr
+                )
+            runs.append(models)
+    results["models"] = median_over_runs(runs)
+    results["runs"] = runs
     results["load_after"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
