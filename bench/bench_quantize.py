@@ -301,7 +301,7 @@ def markdown(result: dict[str, Any]) -> str:
         "latency ms (wall)",
         "speed-up vs fp32",
         "ORT top-1 agree",
-        "ORT max |diff|",
+        "ORT max abs diff",
     ]
     table = []
     for r in result["rows"]:
