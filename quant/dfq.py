@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from ir.errors import BadInputError, RunFailedError
 from quant.modules import WeightQuantizer
 from training import distributed
 from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
+from training.frozen import frozen
 
 
 def expected_size_bits(quantizers: Mapping[str, WeightQuantizer]) -> torch.Tensor:
@@ -165,19 +165,6 @@ def _cycle(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-@contextmanager
-def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Keep autograd from tracking ``params`` for a while (no graph, no gradient for them)."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def _global_mean(loss: torch.Tensor, count: int) -> float:
     """The mean loss over every rank's shard of the batch (this shard's mean alone in one process)."""
     value = float(loss.detach())
@@ -239,7 +226,7 @@ class DFQSearch:
 
         A non-finite loss is returned without an update, for the caller to report.
         """
-        with _frozen(self.arch):
+        with frozen(self.arch):
             self.weight_optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(x), y)
             value = _global_mean(loss, len(y))
@@ -256,7 +243,7 @@ class DFQSearch:
 
         The weights are fixed; returns the global validation loss (non-finite: no update).
         """
-        with _frozen(self.weights):
+        with frozen(self.weights):
             loss = self.loss_fn(self.model(x), y)
             value = _global_mean(loss, len(y))
             if not math.isfinite(value):

@@ -28,13 +28,13 @@ finite-difference HVP) is averaged before use, so all ranks take the same α ste
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from training import distributed
+from training.frozen import frozen
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,19 +53,6 @@ def unique_parameters(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-@contextmanager
-def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Temporarily stop autograd from tracking ``params`` (no graph is kept for their gradients)."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

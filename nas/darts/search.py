@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ir.errors import BadInputError, RunFailedError
-from nas.darts.architect import Architect, frozen, unique_parameters
+from nas.darts.architect import Architect, unique_parameters
 from training import distributed
 from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
+from training.frozen import frozen
 
 
 @dataclass
