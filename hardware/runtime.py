@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 #: p90 / median above this means the timings are too noisy to trust (shared machine, throttling).
 DEFAULT_MAX_SPREAD = 1.5
@@ -71,7 +71,7 @@ def measurement_session(
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         where = "the ONNX model" if isinstance(model, bytes) else str(model)
         raise BadInputError(f"ONNX Runtime cannot load {where}: {first}") from exc
 

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from hardware.layers import LayerSignature
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 OPSET = 18
 _X_SCALE, _X_ZP = 0.05, 128
@@ -298,7 +298,7 @@ def _quiet_export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, verbose=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BadInputError(f"cannot export {type(module).__name__} to ONNX: {first}") from exc
     finally:
         logging.getLogger("torch").setLevel(previous)

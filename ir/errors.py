@@ -29,3 +29,10 @@ class RunFailedError(FxsculptError):
     """The run itself failed: training diverged (NaN/inf) or ONNX parity did not hold (exit code 4)."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when the message is empty): how a
+    library's error is quoted inside one of ours, which must fit on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ir.constructs import ARCH_PARAM_NAMES, SearchConstruct
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 META_KEY = "sculpt"
 
@@ -230,9 +230,8 @@ class IR:
             with torch.no_grad():
                 _MetadataInterpreter(self.gm).run(self.example_input())
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInputError(
-                f"input shape {','.join(map(str, self.input_shape))} does not fit the model: {first_line}"
+                f"input shape {','.join(map(str, self.input_shape))} does not fit the model: {first_line(exc)}"
             ) from exc
         finally:
             self.gm.train(was_training)

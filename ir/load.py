@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 from ir.graph import IR
 from ir.lift import lift_exported
 from ir.trace import trace_module
@@ -144,7 +144,7 @@ def _load_program(path: Path, options: LoadOptions) -> IR:
         program = torch.export.load(str(path))
     except Exception as exc:  # zip, pickle and schema errors all mean one thing to the user
         raise BadInputError(
-            f"{path} is not a readable torch.export program (.pt2): {_first_line(exc)}"
+            f"{path} is not a readable torch.export program (.pt2): {first_line(exc).strip()}"
         ) from exc
     gm = lift_exported(program)
     shape = options.input_shape or _program_input_shape(program)
@@ -203,7 +203,7 @@ def _load_torch_file(path: Path, options: LoadOptions) -> nn.Module:
     except Exception as exc:  # truncated zips, text files, foreign pickles: one message
         raise BadInputError(
             f"{path} is not a readable PyTorch file (truncated, corrupt or not made by torch.save: "
-            f"{_first_line(exc)})"
+            f"{first_line(exc).strip()})"
         ) from exc
     state = _as_state_dict(obj)
     if state is None:
@@ -311,11 +311,11 @@ def _load_pickled_module(path: Path, options: LoadOptions) -> nn.Module:
             obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise BadInputError(
-            f"{path} needs code that cannot be imported here ({_first_line(exc)}): run from the folder "
+            f"{path} needs code that cannot be imported here ({first_line(exc).strip()}): run from the folder "
             "that holds the model's package"
         ) from exc
     except Exception as exc:
-        raise BadInputError(f"{path} could not be unpickled: {_first_line(exc)}") from exc
+        raise BadInputError(f"{path} could not be unpickled: {first_line(exc).strip()}") from exc
     if isinstance(obj, nn.Module):
         return obj
     state = _as_state_dict(obj)
@@ -333,7 +333,9 @@ def import_class(spec: str) -> type[nn.Module]:
         with _cwd_on_path():
             module = importlib.import_module(module_name)
     except Exception as exc:
-        raise BadInputError(f"cannot import '{module_name}' for --model-class: {_first_line(exc)}") from exc
+        raise BadInputError(
+            f"cannot import '{module_name}' for --model-class: {first_line(exc).strip()}"
+        ) from exc
     cls: Any = module
     for part in class_name.split("."):
         cls = getattr(cls, part, None)
@@ -349,7 +351,9 @@ def _module_from_state(path: Path, state: Mapping[str, torch.Tensor], class_spec
     try:
         module = cls()
     except Exception as exc:
-        raise BadInputError(f"{class_spec} cannot be built with no arguments: {_first_line(exc)}") from exc
+        raise BadInputError(
+            f"{class_spec} cannot be built with no arguments: {first_line(exc).strip()}"
+        ) from exc
     expected = set(module.state_dict())
     given = set(state)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
@@ -365,7 +369,7 @@ def _module_from_state(path: Path, state: Mapping[str, torch.Tensor], class_spec
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
         raise BadInputError(
-            f"the state dict in {path} does not fit {class_spec}: {detail or _first_line(exc)}"
+            f"the state dict in {path} does not fit {class_spec}: {detail or first_line(exc).strip()}"
         ) from exc
     return module
 
@@ -376,11 +380,6 @@ def _module_from_state(path: Path, state: Mapping[str, torch.Tensor], class_spec
 def _few(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _check_shape(shape: tuple[int, ...]) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ir.errors import BadInputError, RunFailedError
+from ir.errors import BadInputError, RunFailedError, first_line
 from ir.graph import IR
 from ir.verify import outputs_of
 from passes.base import Context, Pass
@@ -187,7 +187,7 @@ def ort_session(
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunFailedError(f"ONNX Runtime cannot load {Path(path).name}: {first}") from exc
 
 
@@ -199,7 +199,7 @@ def run_onnx_outputs(session: Any, x: np.ndarray) -> list[np.ndarray]:
     try:
         return list(session.run(None, {name: np.ascontiguousarray(x)}))
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunFailedError(f"ONNX Runtime failed on an input of shape {tuple(x.shape)}: {first}") from exc
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 if TYPE_CHECKING:
     from passes.base import Context
@@ -256,7 +256,7 @@ def restore_training_state(
             if opt is not None:
                 opt.load_state_dict(state["optimizers"][name])
     except (RuntimeError, ValueError, KeyError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise BadInputError(
             f"the checkpoint does not fit this run ({detail}); resume with the same command"
         ) from exc

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -232,11 +232,6 @@ def _existing_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # -- digits ------------------------------------------------------------------------------------
 
 
@@ -274,7 +269,7 @@ def _read_npz(arg: str) -> _Raw:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInputError(
-            f"{where} is not a readable .npz file (corrupt or truncated: {_first_line(exc)})"
+            f"{where} is not a readable .npz file (corrupt or truncated: {first_line(exc)})"
         ) from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise BadInputError(
@@ -292,7 +287,7 @@ def _read_npz(arg: str) -> _Raw:
                 arrays[key] = np.asarray(archive[key])
             except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
                 raise BadInputError(
-                    f"{where}: array '{key}' cannot be read (corrupt or truncated: {_first_line(exc)})"
+                    f"{where}: array '{key}' cannot be read (corrupt or truncated: {first_line(exc)})"
                 ) from exc
         classes = None
         if "classes" in archive.files:
@@ -347,7 +342,7 @@ def _load_batch(path: Path) -> dict[str, Any]:
         ) from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise BadInputError(
-            f"{path} is not a readable CIFAR-10 batch (corrupt or truncated: {_first_line(exc)})"
+            f"{path} is not a readable CIFAR-10 batch (corrupt or truncated: {first_line(exc)})"
         ) from exc
     if not isinstance(obj, dict):
         raise BadInputError(f"{path} holds a {type(obj).__name__}, not a CIFAR-10 batch dict")
@@ -422,7 +417,7 @@ def read_idx(path: Path) -> np.ndarray:
         else:
             blob = path.read_bytes()
     except (OSError, EOFError) as exc:
-        raise BadInputError(f"{path} cannot be read (corrupt or truncated gzip: {_first_line(exc)})") from exc
+        raise BadInputError(f"{path} cannot be read (corrupt or truncated gzip: {first_line(exc)})") from exc
     if len(blob) < 4:
         raise BadInputError(f"{path} is not an IDX file: only {len(blob)} bytes")
     zero, dtype_code, ndim = struct.unpack(">HBB", blob[:4])

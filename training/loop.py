@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ir.errors import BadInputError, RunFailedError
+from ir.errors import BadInputError, RunFailedError, first_line
 from passes.base import TrainSettings
 from training import distributed
 from training.checkpoint import Checkpointer, all_finite, capture_rng, restore_rng
@@ -89,7 +89,7 @@ def _forward(model: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
     try:
         return _logits(model(x))
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise BadInputError(
             f"the model fails on a batch of {int(x.shape[0])} inputs of shape {tuple(x.shape[1:])}: {detail} "
             "(a .pt2 exported with a fixed batch size needs torch.export.Dim on the batch dimension)"
@@ -184,7 +184,7 @@ def _load_checkpoint(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise BadInputError(
             f"the checkpoint in {checkpoint.folder} does not fit this model or optimizer ({detail}); "
             "resume with the same command"

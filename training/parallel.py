@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -121,7 +121,7 @@ def ensure_ray(workers: int, ray_address: str | None = None) -> ModuleType:
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray runtime"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise BadInputError(f"cannot connect to {where}: {detail}") from exc
     _STARTED_BY_US = True
     return ray

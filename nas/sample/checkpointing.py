@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 from nas.sample.encoding import Arch, SearchSpace
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class SearchCheckpoint:
             for name, rng in tracked.rngs.items():
                 set_random_state(rng, extra["rngs"][name])
         except (KeyError, ValueError, RuntimeError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             raise BadInputError(
                 f"the checkpoint in {self.checkpointer.folder} does not fit this search ({detail}); "
                 "resume with the same command"

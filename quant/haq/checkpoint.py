@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ir.errors import BadInputError
+from ir.errors import BadInputError, first_line
 from quant.haq.ddpg import DDPGAgent
 from quant.haq.enforce import Policy
 
@@ -199,7 +199,7 @@ class HaqCheckpoint:
             for name, obj in self.counters.items():
                 obj.lookups = int(extra["counters"][name])
         except (KeyError, TypeError, ValueError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             raise BadInputError(
                 f"the checkpoint in {folder} does not fit this search ({detail}); resume with the same command"
             ) from exc
