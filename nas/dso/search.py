@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from ir.constructs import Gate
-from ir.errors import BadInputError, RunFailedError
+from ir.errors import BadInputError, RunFailedError, first_line
 from ir.graph import IR
 from nas.dso.apg import APG
 from nas.dso.dead import apply_dead_structure
@@ -265,7 +265,7 @@ def load_witness(ir: IR, witness: Mapping[str, Mapping[str, torch.Tensor]]) -> N
                 state[key] = witness["exact"][key]
         ir.gm.load_state_dict(state)
     except (KeyError, RuntimeError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise BadInputError(
             f"the checkpoint's pruned structure cannot be rebuilt on this model ({detail}); "
             "resume with the same command"
@@ -302,11 +302,6 @@ def _loader(
     if make_loader is not None and distributed.active() is None:
         return make_loader(dataset, batch_size, True, generator, drop_last=True)
     return distributed.shuffled_loader(dataset, batch_size, generator, drop_last=True)
-
-
-def _scaled_loss(loss: torch.Tensor, local: int) -> torch.Tensor:
-    """The local mean loss scaled so that averaged gradients are those of the global batch."""
-    return loss * distributed.local_loss_scale(local) if distributed.active() is not None else loss
 
 
 def search(
@@ -430,7 +425,7 @@ def search(
                     f"prune search diverged: loss is {value} at epoch {epoch}, step {batch_index} "
                     f"(lower prune.lr, now {lr:.3g}){_kept(checkpoint)}"
                 )
-            _scaled_loss(loss, len(y)).backward()
+            (loss * distributed.local_loss_scale(len(y))).backward()
             distributed.average_gradients(weights)
             torch.nn.utils.clip_grad_norm_(weights, settings.grad_clip)
             opt_w.step()
@@ -442,7 +437,7 @@ def search(
                     xs, ys = xs.to(device), ys.to(device)
                     opt_w.zero_grad(set_to_none=True)
                     opt_l.zero_grad(set_to_none=True)
-                    _scaled_loss(loss_fn(ir.gm(xs), ys), len(ys)).backward()
+                    (loss_fn(ir.gm(xs), ys) * distributed.local_loss_scale(len(ys))).backward()
                 scales = [p for group in opt_l.param_groups for p in group["params"]]
                 distributed.average_gradients(scales)
                 torch.nn.utils.clip_grad_norm_(scales, settings.grad_clip)
