@@ -1,8 +1,9 @@
-"""Shared fixtures: the real data subsets beside the checkout, and a scratch output folder."""
+"""Shared fixtures: the real data subsets beside the checkout, and a local Ray runtime."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,19 @@ def mnist_npz() -> Path:
     if not path.is_file():
         pytest.skip(f"real MNIST subset not found at {path} (../shared/data is absent)")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime (2 CPUs) for the whole module, stopped after it (start-up costs
+    seconds); the test skips where Ray is not installed."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'fxsculpt[distributed]')")
+    import ray
+
+    from training import parallel
+
+    if ray.is_initialized():
+        ray.shutdown()
+    parallel.ensure_ray(2)
+    yield
+    parallel.shutdown_ray()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,17 +299,6 @@ def test_workers_without_ray_is_a_one_line_message(
         run_pass(tmp_path, problem, workers=2)
     assert str(info.value) == parallel.RAY_MISSING and "\n" not in str(info.value)
     assert not (tmp_path / "checkpoints").exists()  # refused before any work
-
-
-@pytest.fixture()
-def ray_runtime() -> Iterator[None]:
-    """A local Ray runtime with 2 CPUs, stopped after the test (skipped where Ray is missing)."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fxsculpt[distributed]')")
-    if ray.is_initialized():
-        ray.shutdown()
-    parallel.ensure_ray(2)
-    yield
-    parallel.shutdown_ray()
 
 
 def test_two_ray_workers_find_what_one_process_finds(

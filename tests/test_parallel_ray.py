@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -76,17 +75,6 @@ def test_without_ray_workers_above_one_is_a_clear_error(monkeypatch: pytest.Monk
     ):
         map_in_order(draws, range(3), workers=2)
     assert map_in_order(draws, range(2), workers=1) == map_in_order(draws, range(2), workers=0)
-
-
-@pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
-    """One local Ray runtime (2 CPUs) for the whole module: start-up costs seconds."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fxsculpt[distributed]')")
-    if ray.is_initialized():
-        ray.shutdown()
-    parallel.ensure_ray(2)
-    yield
-    parallel.shutdown_ray()
 
 
 def test_ray_equals_sequential_on_a_deterministic_function(ray_runtime: None) -> None:

@@ -10,22 +10,7 @@ from ir.constructs import Gate
 from ir.graph import IR
 from nas.dso.gating import gate_branches, gate_channels
 from nas.dso.ranking import budget_steps, cut_scores, meet_macs_target, relative_scores
-
-
-class TwoConvBN(nn.Module):
-    """conv1 (2→4) + BN + ReLU, conv2 (4→3) + BN, mean pool, Linear: conv1's channels are prunable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 3, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.bn2(self.conv2(x)).mean((2, 3)))
+from tests.prune_models import TwoConvBN
 
 
 def gated_two_conv() -> tuple[IR, Gate, Gate]:

@@ -13,21 +13,8 @@ from ir.graph import IR
 from nas.dso.apg import soft_threshold
 from nas.dso.gating import gate_channels
 from nas.dso.search import SearchSettings, search
+from tests.prune_models import TwoConvBN
 from training.loop import make_loader
-
-
-class TwoConvBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 4, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 3, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.bn2(self.conv2(x)).mean((2, 3)))
 
 
 def gated(seed: int = 0) -> IR:

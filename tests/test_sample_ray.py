@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,7 @@ CASES: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime() -> Iterator[None]:
-    """One local Ray runtime (2 CPUs) for the module, started up front (seconds) and stopped after."""
-    if ray.is_initialized():
-        ray.shutdown()
-    parallel.ensure_ray(2)
-    yield
-    parallel.shutdown_ray()
+pytestmark = pytest.mark.usefixtures("ray_runtime")
 
 
 @pytest.fixture(scope="module")
