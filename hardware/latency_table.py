@@ -177,13 +177,17 @@ def ir_at_batch(ir: IR, batch: int) -> IR:
     return copy
 
 
+def additive_latency_ms(layer_ms: list[float], overhead_ms: float) -> float:
+    """``o + Σ max(t − o, 0)``: each single-layer time includes the per-call cost a model pays once."""
+    return overhead_ms + sum(max(ms - overhead_ms, 0.0) for ms in layer_ms)
+
+
 def predict_model(ir: IR, table: LatencyTable, batch: int | None = None) -> Prediction:
     """Predict ``ir``'s whole-model latency on ``table.target`` from its layers' entries."""
     model = ir_at_batch(ir, batch) if batch is not None else ir
     groups = layer_groups(model)
     table.fill(groups)
     overhead = table.overhead_ms()
-    total = overhead
     rows: list[LayerPrediction] = []
     missing: list[str] = []
     for group in groups:
@@ -193,5 +197,5 @@ def predict_model(ir: IR, table: LatencyTable, batch: int | None = None) -> Pred
             continue
         ms = table.lookup(group.signature, group.module)
         rows.append(LayerPrediction(group.names, group.signature.describe(), ms))
-        total += max(ms - overhead, 0.0)
+    total = additive_latency_ms([row.ms for row in rows], overhead)
     return Prediction(total_ms=total, overhead_ms=overhead, layers=rows, unpredicted=missing)

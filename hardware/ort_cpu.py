@@ -14,6 +14,8 @@ only ever add time to a measurement.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from hardware.runtime import (
     measurement_session,
     ort_version,
     session_inputs,
+    time_interleaved,
     time_session,
 )
 from hardware.single_layer import OPSET, build_single_layer
@@ -114,18 +117,42 @@ class OrtCpuTarget(Target):
     def layer_latency_ms(self, sig: LayerSignature, module: nn.Module | None = None) -> float:
         return self._lowest_median(build_single_layer(sig, module), batch=sig.in_shape[0])
 
+    def time_interleaved(
+        self,
+        models: Mapping[str, str | Path | bytes],
+        batch: int = 1,
+        rounds: int = 5,
+        max_seconds: float = 0.4,
+        fallback_shape: tuple[int, ...] | None = None,
+    ) -> dict[str, list[Timing]]:
+        """Every model timed once per round for ``rounds`` rounds (:func:`hardware.runtime.time_interleaved`).
+
+        Sessions are opened and warmed up once; each round then times each model for at most
+        ``max_seconds``. Inputs at ``batch`` where the batch axis is symbolic.
+        """
+        sessions = {key: measurement_session(model, self.threads) for key, model in models.items()}
+        feeds = {
+            key: session_inputs(session, batch=batch, fallback_shape=fallback_shape)
+            for key, session in sessions.items()
+        }
+        calls = {key: functools.partial(session.run, None, feeds[key]) for key, session in sessions.items()}
+        for call in calls.values():
+            for _ in range(self.warmup):
+                call()
+        return time_interleaved(
+            calls,
+            rounds,
+            warmup=1,
+            max_seconds=max_seconds,
+            rel_tol=self.rel_tol,
+            max_spread=self.max_spread,
+            clock=self.clock,
+        )
+
     def per_call_overhead_ms(self) -> float:
         """The latency of a one-element ReLU: the runtime's fixed cost per ``run`` call."""
         if self._overhead is None:
-            graph = helper.make_graph(
-                [helper.make_node("Relu", ["x"], ["y"], name="relu")],
-                "overhead",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-            )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-            model.ir_version = 9
-            self._overhead = self._lowest_median(model.SerializeToString(), batch=1)
+            self._overhead = self._lowest_median(overhead_model(), batch=1)
         return self._overhead
 
     def model_latency(self, ir: IR | None, onnx_path: Path | None, batch: int = 1) -> ModelLatency:
@@ -142,6 +169,19 @@ class OrtCpuTarget(Target):
             runs=timing.runs,
             details=timing.as_dict(),
         )
+
+
+def overhead_model() -> bytes:
+    """A serialized one-element ReLU: timing it measures the runtime's fixed cost per call."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "overhead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    return bytes(model.SerializeToString())
 
 
 def onnx_batch(path: Path) -> int | None:

@@ -1,0 +1,108 @@
+"""Interleaved timing and the drift-cancelling prediction check (hardware/paired_prediction.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import hardware.runtime as runtime
+from hardware.layers import layer_groups
+from hardware.ort_cpu import OrtCpuTarget
+from hardware.paired_prediction import paired_prediction
+from ir.graph import IR
+from passes.export import export_onnx
+
+
+def _timing(ms: float) -> runtime.Timing:
+    return runtime.Timing(ms, ms, ms, ms, 10, True, 1.0, True)
+
+
+def _two_same_convs() -> IR:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+    ).eval()
+    return IR.from_module(model, (1, 4, 8, 8))
+
+
+def test_interleaved_rounds_time_every_callable_once_per_round() -> None:
+    """The call log shows rounds A…B…A…B…, never all of A's timings first."""
+    log: list[str] = []
+    timings = runtime.time_interleaved(
+        {"a": lambda: log.append("a"), "b": lambda: log.append("b")},
+        rounds=3,
+        warmup=0,
+        min_runs=2,
+        max_runs=2,
+        chunk=2,
+    )
+    assert [len(v) for v in timings.values()] == [3, 3]
+    assert log == ["a", "a", "b", "b"] * 3
+
+
+def test_a_drift_that_slows_everything_alike_cancels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Round 2 runs twice as slow as round 1. Per round: overhead o, each of the two identical conv
+    layers t, model m; prediction o + 2 (t − o) by hand. A table built in round 1 against the model
+    measured in round 2 would be off by −50%; the paired error is 0 in both rounds."""
+    ir = _two_same_convs()
+    path = tmp_path / "m.onnx"
+    export_onnx(ir.gm, ir.example_input(batch=1), path)
+    target = OrtCpuTarget(threads=1)
+    per_round = [{"o": 0.1, "t": 0.5, "m": 0.9}, {"o": 0.2, "t": 1.0, "m": 1.8}]
+    seen: dict[str, object] = {}
+
+    def fake(models: dict[str, object], batch: int = 1, rounds: int = 5, **_: object):
+        seen.update(models)
+        out: dict[str, list[runtime.Timing]] = {}
+        for key in models:
+            kind = "o" if key == "overhead" else "m" if key == "model" else "t"
+            out[key] = [_timing(r[kind]) for r in per_round]
+        return out
+
+    monkeypatch.setattr(target, "time_interleaved", fake)
+    result = paired_prediction(ir, path, target, rounds=2)
+    assert result.single_layer_models == 1  # one signature, counted twice in the sum
+    assert len([k for k in seen if k.startswith("layer:")]) == 1
+    assert result.round_predicted_ms == pytest.approx([0.1 + 2 * 0.4, 0.2 + 2 * 0.8])
+    assert result.round_errors == pytest.approx([0.0, 0.0])
+    assert result.error == pytest.approx(0.0)
+    assert result.round_predicted_ms[0] / result.round_measured_ms[1] - 1 == pytest.approx(-0.5)
+
+
+def test_paired_prediction_on_the_runtime(tmp_path: Path) -> None:
+    """On ONNX Runtime itself: one single-layer model per distinct conv+ReLU signature, positive
+    finite times, and each round's prediction equals o + Σ (t − o) of that round's numbers."""
+    ir = _two_same_convs()
+    path = tmp_path / "m.onnx"
+    export_onnx(ir.gm, ir.example_input(batch=2), path, dynamic_batch=True)
+    target = OrtCpuTarget(threads=1, warmup=1)
+    result = paired_prediction(ir, path, target, batch=2, rounds=2, max_seconds=0.02)
+    signatures = {g.signature.key() for g in layer_groups(ir) if g.signature is not None}
+    assert result.single_layer_models == len(signatures) == 1
+    assert len(result.round_errors) == 2
+    assert all(math.isfinite(e) for e in result.round_errors)
+    assert result.measured_ms > 0 and result.predicted_ms >= result.overhead_ms > 0
+
+
+def test_haq_meter_times_its_files_in_interleaved_rounds(tmp_path: Path) -> None:
+    """HAQ's meter asks the target for one interleaved timing of all files and keeps each file's
+    median over the rounds: a recorded target answers with round medians 3, 1, 2 ms → 2 ms."""
+    from quant.haq.meter import PolicyMeter
+
+    asked: list[tuple[list[str], int]] = []
+
+    class Recorded:
+        def time_interleaved(self, models, batch=1, rounds=5, max_seconds=0.4):  # type: ignore[no-untyped-def]
+            asked.append((sorted(models), rounds))
+            return {k: [_timing(3.0), _timing(1.0), _timing(2.0)] for k in models}
+
+    meter = PolicyMeter(None, Recorded(), tmp_path, rounds=3)  # type: ignore[arg-type]
+    assert meter.measure({"policy": tmp_path / "p.onnx", "reference": tmp_path / "r.onnx"}) == {
+        "policy": 2.0,
+        "reference": 2.0,
+    }
+    assert asked == [(["policy", "reference"], 3)]
