@@ -25,7 +25,9 @@ from quant.insert import freeze
 class FileTimer(Protocol):
     """What the meter needs of a measured target (:class:`hardware.ort_cpu.OrtCpuTarget`)."""
 
-    def time_model(self, model: Path, batch: int = 1, max_seconds: float | None = None) -> Timing: ...
+    def time_interleaved(
+        self, models: Mapping[str, Path], batch: int = 1, rounds: int = 5, max_seconds: float = 0.4
+    ) -> dict[str, list[Timing]]: ...
 
 
 class PolicyMeter:
@@ -69,9 +71,7 @@ class PolicyMeter:
 
     def measure(self, files: Mapping[str, Path]) -> dict[str, float]:
         """Median latency (ms, batch 1) of every file over interleaved rounds."""
-        samples: dict[str, list[float]] = {key: [] for key in files}
-        for _ in range(self.rounds):
-            for key, path in files.items():
-                timing = self.target.time_model(path, batch=1, max_seconds=self.max_seconds)
-                samples[key].append(timing.median_ms)
-        return {key: statistics.median(values) for key, values in samples.items()}
+        timings = self.target.time_interleaved(
+            files, batch=1, rounds=self.rounds, max_seconds=self.max_seconds
+        )
+        return {key: statistics.median(t.median_ms for t in rounds) for key, rounds in timings.items()}
