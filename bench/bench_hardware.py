@@ -46,6 +46,7 @@ from hardware.bitserial import BitserialTarget  # noqa: E402
 from hardware.latency_table import LatencyTable, ir_at_batch, predict_model  # noqa: E402
 from hardware.layers import layer_groups  # noqa: E402
 from hardware.ort_cpu import OrtCpuTarget  # noqa: E402
+from hardware.paired_prediction import paired_prediction  # noqa: E402
 from hardware.runtime import cpu_name, measurement_session, ort_version  # noqa: E402
 from ir.graph import IR  # noqa: E402
 from ir.load import LoadOptions, load_ir  # noqa: E402
@@ -111,7 +112,7 @@ def measure(target: OrtCpuTarget, path: Path, batch: int) -> dict[str, Any]:
     }
 
 
-def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
+def bench_model(name: str, workdir: Path, cache: Path, rounds: int) -> dict[str, Any]:
     torch.manual_seed(0)
     shape = (1, 3, 32, 32)
     ir = load_ir(f"builtin:{name}", LoadOptions(input_shape=shape, num_classes=10))
@@ -138,6 +139,10 @@ def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
         pred_fp32 = predict_model(ir, table_fp32, batch=batch)
         pred_int8 = predict_model(ir8, table_int8, batch=batch)
         build_seconds += time.perf_counter() - start
+        paired = {
+            kind: paired_prediction(model_ir, path, target, batch=batch, rounds=rounds)
+            for kind, model_ir, path in (("fp32", ir, float_path), ("int8", ir8, int8_path))
+        }
         out["batches"][str(batch)] = {
             "fp32": fp32,
             "int8": int8,
@@ -148,6 +153,9 @@ def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
             "int8_error": pred_int8.total_ms / int8["median_ms"] - 1.0,
             "overhead_ms": pred_fp32.overhead_ms,
             "unpredicted_nodes": pred_fp32.unpredicted,
+            "fp32_paired_error": paired["fp32"].error,
+            "int8_paired_error": paired["int8"].error,
+            "paired": {kind: p.as_dict() for kind, p in paired.items()},
         }
     # warm: a new table object reads the cache written above, then answers from memory
     start = time.perf_counter()
@@ -178,12 +186,21 @@ def bench_model(name: str, workdir: Path, cache: Path) -> dict[str, Any]:
     return out
 
 
-_MEDIAN_KEYS = ("fp32_predicted_ms", "int8_predicted_ms", "fp32_error", "int8_error", "int8_speedup")
+_MEDIAN_KEYS = (
+    "fp32_predicted_ms",
+    "int8_predicted_ms",
+    "fp32_error",
+    "int8_error",
+    "int8_speedup",
+    "fp32_paired_error",
+    "int8_paired_error",
+)
 
 
 def median_over_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The first run's records with every latency, prediction, error and speed-up replaced by its
-    median over the runs, and each run's errors kept alongside (``errors_by_run``)."""
+    median over the runs, and each run's errors kept alongside (``errors_by_run``,
+    ``paired_errors_by_run``)."""
     merged = copy.deepcopy(runs[0])
     for m, model in enumerate(merged):
         for batch, row in model["batches"].items():
@@ -193,7 +210,8 @@ def median_over_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             for kind in ("fp32", "int8"):
                 row[kind]["median_ms"] = statistics.median(r[kind]["median_ms"] for r in rows)
                 row[kind]["spread_ok"] = all(r[kind]["spread_ok"] for r in rows)
-            row["errors_by_run"] = {kind: [r[f"{kind}_error"] for r in rows] for kind in ("fp32", "int8")}
+            for stem in ("error", "paired_error"):
+                row[f"{stem}s_by_run"] = {k: [r[f"{k}_{stem}"] for r in rows] for k in ("fp32", "int8")}
     return merged
 
 
@@ -210,23 +228,52 @@ def render(results: dict[str, Any]) -> str:
         f"Latency in ms: median of timed runs after warm-up, on the `{results['clock']}` clock "
         "(CPU time of the one inference thread: the machine is shared, load average "
         f"{results['load_before']:.1f} before / {results['load_after']:.1f} after the run on "
-        f"{results['cores']} cores; wall-clock medians are in hardware.json). Error = predicted / measured - 1. "
-        f"Each number is the median over {len(results['runs'])} whole runs, each from a cold table cache; "
-        "'errors by run' lists every run's fp32 / int8 error in %.",
+        f"{results['cores']} cores; wall-clock medians are in hardware.json). "
+        f"Each number is the median over {len(results['runs'])} whole runs, each from a cold table cache.",
         "int8 = `quantize_static` QDQ, uint8 activations, int8 per-channel weights.",
         "",
-        "| model | batch | fp32 ms | int8 ms | int8 speed-up | fp32 predicted | fp32 error | int8 predicted | int8 error | errors by run (fp32 / int8) | spread ok (fp32/int8) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | batch | fp32 ms | int8 ms | int8 speed-up | spread ok (fp32/int8) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for model in results["models"]:
         for batch, row in model["batches"].items():
             lines.append(
                 f"| {model['model']} | {batch} | {row['fp32']['median_ms']:.3f} | {row['int8']['median_ms']:.3f} "
-                f"| {row['int8_speedup']:.2f}x | {row['fp32_predicted_ms']:.3f} | {100 * row['fp32_error']:+.1f}% "
-                f"| {row['int8_predicted_ms']:.3f} | {100 * row['int8_error']:+.1f}% "
-                f"| {_errors(row['errors_by_run']['fp32'])} / {_errors(row['errors_by_run']['int8'])} "
-                f"| {row['fp32']['spread_ok']}/{row['int8']['spread_ok']} |"
+                f"| {row['int8_speedup']:.2f}x | {row['fp32']['spread_ok']}/{row['int8']['spread_ok']} |"
             )
+    lines += [
+        "",
+        "## Predicted against measured",
+        "",
+        "Error = predicted / measured − 1, where predicted = Σ single-layer latencies − the per-call "
+        "overhead each includes + one overhead. Two ways to measure the same model:",
+        "",
+        "- **table as built**: the latency table is measured once (cold cache, each entry the lowest of "
+        "3 medians), the whole model minutes apart. On this shared VM the machine's speed drifts "
+        "between the two moments, so this error mixes the additive model's error with the drift.",
+        f"- **paired**: the same single-layer models, the overhead model and the whole model timed in "
+        f"{results['rounds']} interleaved rounds (`hardware/paired_prediction.py`); each round's "
+        "prediction is compared with the same round's measurement, so drift cancels. The column is the "
+        "median of the rounds' errors.",
+        "",
+        "'by run' lists every whole run's error in %.",
+        "",
+        "| model | batch | fp32 predicted | fp32 error, table as built (by run) | fp32 error, paired (by run) "
+        "| int8 predicted | int8 error, table as built (by run) | int8 error, paired (by run) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in results["models"]:
+        for batch, row in model["batches"].items():
+            cells = []
+            for kind in ("fp32", "int8"):
+                table = row["errors_by_run"][kind]
+                paired = row["paired_errors_by_run"][kind]
+                cells += [
+                    f"{row[f'{kind}_predicted_ms']:.3f}",
+                    f"{100 * row[f'{kind}_error']:+.1f}% ({_errors(table)})",
+                    f"**{100 * row[f'{kind}_paired_error']:+.1f}%** ({_errors(paired)})",
+                ]
+            lines.append(f"| {model['model']} | {batch} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Latency tables",
@@ -263,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated built-in models")
     parser.add_argument("--repeats", type=int, default=3, help="whole runs, each from a cold table cache")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="interleaved rounds of the paired (drift-cancelled) prediction"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {
@@ -270,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort_version(),
         "torch": torch.__version__,
         "threads": 1,
+        "rounds": args.rounds,
         "clock": OrtCpuTarget(threads=1).clock,
         "cores": os.cpu_count(),
         "load_before": os.getloadavg()[0],
@@ -283,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             models = []
             for name in args.models.split(","):
                 start = time.perf_counter()
-                models.append(bench_model(name.strip(), work, cache))
+                models.append(bench_model(name.strip(), work, cache, args.rounds))
                 print(
                     f"run {repeat + 1}: {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr
                 )
