@@ -73,6 +73,11 @@ class QuantizeOptions(HaqOptions):
     avg_bits: float = option(
         0.0, "dfq: size budget as average weight bits over the searched layers (0: no budget)"
     )
+    budget_search: bool = option(
+        True,
+        "dfq with avg_bits: search for the lowest validation loss within the budget (a multiplier on "
+        "the size); false: the paper's smallest size within θ, then fit the budget when discretizing",
+    )
     search_epochs: int = option(-1, "dfq: search epochs (-1: --epochs)")
     arch_lr: float = option(0.05, "dfq: Adam learning rate of the bit logits α")
     dual_lr: float = option(1.0, "dfq: step size of the Lagrange multiplier's dual ascent")
@@ -151,6 +156,11 @@ class Quantize(Pass):
                 module.enable_search(tuple(opts.candidates), opts.groups)
             self._calibrate(ir, ctx)
             theta = float_val_loss + opts.tolerance
+            budget = None
+            if opts.avg_bits > 0:
+                budget = opts.avg_bits * sum(
+                    m.weight_numel_per_channel() * m.out_channels for m in searched.values()
+                )
             settings = dfq.DFQSettings(
                 epochs=opts.search_epochs if opts.search_epochs >= 0 else ctx.train.epochs,
                 batch_size=ctx.train.batch_size,
@@ -159,6 +169,7 @@ class Quantize(Pass):
                 dual_lr=opts.dual_lr,
                 initial_multiplier=opts.initial_multiplier,
                 theta=theta,
+                size_budget_bits=budget if opts.budget_search else None,
                 progress=ctx.train.progress,
             )
             result = dfq.search(
@@ -172,11 +183,6 @@ class Quantize(Pass):
                 checkpoint=pass_checkpointer(ctx, "dfq-search"),
             )
             history = result.epochs
-            budget = None
-            if opts.avg_bits > 0:
-                budget = opts.avg_bits * sum(
-                    m.weight_numel_per_channel() * m.out_channels for m in searched.values()
-                )
             chosen = dfq.choose_bits(searched, budget)
             for name, bits in chosen.items():
                 searched[name].set_group_bits(bits)
@@ -189,7 +195,13 @@ class Quantize(Pass):
                         f"quantize.avg_bits={opts.avg_bits} cannot be met: even the narrowest candidate "
                         f"({min(opts.candidates)} bits) averages {used / budget * opts.avg_bits:.2f} bits"
                     )
-            multiplier_info = {"theta": round(theta, 4), "float_val_loss": round(float_val_loss, 4)}
+            multiplier_info = {
+                "theta": round(theta, 4),
+                "float_val_loss": round(float_val_loss, 4),
+                "objective": "min L_val s.t. size <= budget"
+                if settings.size_budget_bits is not None
+                else "min size s.t. L_val <= theta",
+            }
             qi.update_meta(ir)
 
         self._calibrate(ir, ctx)

@@ -17,6 +17,17 @@ tuned per model and data set to land on the constraint, whereas λ grows while t
 violated (pushing α towards accuracy) and decays to zero while there is slack (pushing α
 towards smaller widths), so the search settles where the loss meets θ without tuning.
 
+With a size budget (``quantize.avg_bits``) the user has fixed the size and wants the most
+accurate model within it, so the roles swap: α minimizes ``L_val + μ (G_w(α)/B − 1)`` with
+``μ ← max(0, μ + η_λ (G_w/B − 1))``, ``G_w`` the expected weight bits and ``B`` the budget. The
+paper's problem reaches a budget only indirectly (through θ, then a greedy fit at
+discretization), and when θ has slack λ falls to zero and G alone pulls every layer down at the
+same pace (Adam normalizes each logit's step), whatever the layer's size or sensitivity. Under
+the budget constraint each logit instead weighs its layer's loss gradient against its share of
+the bits at one common price μ, and the search ends near the budget, so the greedy fit has
+little left to do. Measured on builtin:resnet (CIFAR-10 subset, candidates 2–8): policies from
+the paper's objective changed with the seed, with 3-bit shortcuts that cost 0.2 nats each.
+
 Never losing work: with a :class:`~training.checkpoint.Checkpointer` the whole search state
 (weights and α, both optimizers, λ and its loss estimate, the data generator and every RNG, the
 history) is saved after each epoch, and a resumed search continues exactly as an uninterrupted
@@ -126,6 +137,11 @@ class DFQSettings:
     theta: float = 1.0
     #: EMA factor of the validation-loss estimate that drives λ.
     ema: float = 0.9
+    #: Total weight bits the searched layers may use. ``None``: the paper's problem, the smallest
+    #: expected size with ``L_val ≤ θ``. Set: the lowest ``L_val`` with expected weight bits
+    #: ``≤`` this budget, the multiplier μ on the size constraint raised by dual ascent
+    #: (see the module docstring for why).
+    size_budget_bits: float | None = None
     #: Show a progress bar (on the main process only).
     progress: bool = True
 
@@ -143,6 +159,7 @@ class DFQSettings:
             "initial_multiplier": self.initial_multiplier,
             "theta": float(f"{self.theta:.6g}"),  # from a measured loss: tolerant of summation order
             "ema": self.ema,
+            "size_budget_bits": self.size_budget_bits,
             "layers": [[name, list(m.candidates), m.groups] for name, m in searched.items()],
             "train_size": train_size,
             "val_size": val_size,
@@ -216,6 +233,10 @@ class DFQSearch:
         )
         self.g_max = max_size_bits(searched)
         self.n_weights = sum(m.weight_numel_per_channel() * m.out_channels for m in searched.values())
+        if settings.size_budget_bits is not None and settings.size_budget_bits <= 0:
+            raise BadInputError(f"the DFQ size budget must be positive, got {settings.size_budget_bits}")
+        #: μ of the size constraint ``G_w(α) / budget − 1 ≤ 0`` (used only with a size budget).
+        self.size_multiplier = DualAscent(settings.dual_lr, 0.0)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -239,9 +260,11 @@ class DFQSearch:
         return value
 
     def arch_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One Adam step of α on a validation batch, on the Lagrangian ``G/G_max + λ (L_val − θ)``.
+        """One Adam step of α on a validation batch; returns the global validation loss.
 
-        The weights are fixed; returns the global validation loss (non-finite: no update).
+        Without a size budget the objective is the Lagrangian ``G/G_max + λ (L_val − θ)``; with
+        one, ``L_val + μ (G_w/budget − 1)``. The weights are fixed; a non-finite loss is returned
+        without an update.
         """
         with frozen(self.weights):
             loss = self.loss_fn(self.model(x), y)
@@ -249,9 +272,14 @@ class DFQSearch:
             if not math.isfinite(value):
                 return value
             shard_loss = loss.cpu() * distributed.local_loss_scale(len(y))
-            size = expected_size_bits(self.searched)
-            lam = self.constraint.multiplier.value
-            objective = size / self.g_max + lam * (shard_loss - self.settings.theta)
+            budget = self.settings.size_budget_bits
+            if budget is None:
+                size = expected_size_bits(self.searched)
+                lam = self.constraint.multiplier.value
+                objective = size / self.g_max + lam * (shard_loss - self.settings.theta)
+            else:
+                mu = self.size_multiplier.value
+                objective = shard_loss + mu * (expected_weight_bits(self.searched) / budget - 1.0)
             grads = torch.autograd.grad(objective, self.arch, allow_unused=True)
             grads_list = [torch.zeros_like(a) if g is None else g for a, g in zip(self.arch, grads)]
             distributed.average_tensors(grads_list)
@@ -261,6 +289,24 @@ class DFQSearch:
             self.arch_optimizer.step()
             self.arch_optimizer.zero_grad(set_to_none=True)
         return value
+
+    def observe(self, val_loss: float) -> float:
+        """Step the active multiplier after an α step and return it: λ from the validation loss,
+        or, with a size budget, μ from the expected weight bits α now gives (the same on every rank)."""
+        budget = self.settings.size_budget_bits
+        if budget is None:
+            return self.constraint.observe(val_loss)
+        with torch.no_grad():
+            ratio = float(expected_weight_bits(self.searched)) / budget
+        return self.size_multiplier.update(ratio - 1.0)
+
+    def multipliers_state(self) -> dict[str, float | None]:
+        """What a checkpoint keeps of the multipliers: λ, its loss estimate, and μ."""
+        return {**self.constraint.state(), "size_multiplier": self.size_multiplier.value}
+
+    def load_multipliers(self, state: Mapping[str, Any]) -> None:
+        self.constraint.load(state)
+        self.size_multiplier.value = float(state.get("size_multiplier", 0.0))
 
     def run_epoch(
         self, epoch: int, train_loader: DataLoader[Any], val_loader: DataLoader[Any]
@@ -300,12 +346,13 @@ class DFQSearch:
                     f"DFQ search diverged: validation loss is {val_value} at epoch {epoch}, step {step} "
                     f"(lower quantize.arch_lr, now {settings.arch_lr:.3g})"
                 )
-            multiplier = self.constraint.observe(val_value)
+            multiplier = self.observe(val_value)
             steps += 1
             sums["val_loss"] += val_value
             sums["train_loss"] += train_value
             sums["multiplier"] += multiplier
-            sums["avg_bits"] += float(expected_weight_bits(self.searched)) / max(self.n_weights, 1)
+            with torch.no_grad():
+                sums["avg_bits"] += float(expected_weight_bits(self.searched)) / max(self.n_weights, 1)
             if not bar.disable:
                 bar.set_postfix(val=f"{val_value:.3f}", lam=f"{multiplier:.2f}", refresh=False)
         bar.close()
@@ -353,7 +400,7 @@ def search(
         )
         first_epoch = int(extra["epoch"]) + 1
         history.epochs = [dict(e) for e in extra["history"]]
-        run.constraint.load(extra["constraint"])
+        run.load_multipliers(extra["constraint"])
     train_loader = _loader(train, settings.batch_size, generator)
     val_loader = _loader(val, settings.batch_size, generator)
     model.train()
@@ -367,7 +414,7 @@ def search(
                 generators={"data": generator},
                 epoch=epoch,
                 history=history.epochs,
-                constraint=run.constraint.state(),
+                constraint=run.multipliers_state(),
             )
             checkpoint.save(epoch, {**state, "config": config})
         if on_epoch is not None:
@@ -376,14 +423,10 @@ def search(
 
 
 def expected_weight_bits(searched: Mapping[str, WeightQuantizer]) -> torch.Tensor:
-    """Σ over searched weights of their expected width (no bias or scales): avg bits × count."""
+    """Σ over searched weights of their expected width (no bias or scales), differentiable in α."""
     total = torch.zeros(())
-    with torch.no_grad():
-        for m in searched.values():
-            widths = torch.tensor(m.candidates, dtype=torch.float32)
-            per_group = m.probabilities().cpu() @ widths
-            counts = torch.bincount(m.channel_groups(m.groups).cpu(), minlength=m.groups).float()
-            total = total + m.weight_numel_per_channel() * (counts * per_group).sum()
+    for m in searched.values():
+        total = total + m.expected_weight_bits().cpu()
     return total
 
 

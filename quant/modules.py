@@ -333,22 +333,29 @@ class WeightQuantizer(Quantizer):
         scales = 32 * (self.out_channels if self.per_channel else 1)
         return self.weight_numel_per_channel() * sum(bits) + extra + scales
 
+    def expected_weight_bits(self) -> torch.Tensor:
+        """``Σ_c n_c Σ_j softmax(α_{g(c)})_j b_j``: the weights' expected storage, differentiable in α."""
+        if self.bit_logits is None:
+            bits = self.channel_bits()
+            numel = self.weight_numel_per_channel()
+            return torch.tensor(float(numel * (sum(bits) if bits is not None else 32 * self.out_channels)))
+        widths = torch.tensor(self.candidates, dtype=torch.float32, device=self.bit_logits.device)
+        expected_per_group = self.probabilities() @ widths  # G
+        channels_per_group = torch.bincount(self.channel_groups(self.groups), minlength=self.groups).float()
+        return float(self.weight_numel_per_channel()) * (channels_per_group * expected_per_group).sum()
+
     def expected_size_bits(self) -> torch.Tensor:
-        """DFQ's G for this layer: ``Σ_c n_c Σ_j softmax(α_{g(c)})_j b_j`` plus the fixed part.
+        """DFQ's G for this layer: :meth:`expected_weight_bits` plus bias and scales at 32 bits.
 
         Differentiable in α; equals :meth:`size_bits` once the softmax is one-hot.
         """
+        if self.bit_logits is None:
+            return torch.tensor(float(self.size_bits()))
         bias = getattr(self.layer, "bias", None)
         fixed = 32.0 * (bias.numel() if bias is not None else 0) + 32.0 * (
             self.out_channels if self.per_channel else 1
         )
-        if self.bit_logits is None:
-            return torch.tensor(float(self.size_bits()))
-        widths = torch.tensor(self.candidates, dtype=torch.float32, device=self.bit_logits.device)
-        expected_per_group = self.probabilities() @ widths  # G
-        channels_per_group = torch.bincount(self.channel_groups(self.groups), minlength=self.groups).float()
-        n = float(self.weight_numel_per_channel())
-        return n * (channels_per_group * expected_per_group).sum() + fixed
+        return self.expected_weight_bits() + fixed
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -112,6 +112,46 @@ def test_search_with_slack_drops_the_multiplier_and_shrinks_bits() -> None:
     assert dfq.choose_bits(searched) == {"first": [2], "second": [2]}
 
 
+def test_expected_weight_bits_are_the_size_without_bias_and_scales() -> None:
+    wq = _searching(groups=2)
+    with torch.no_grad():
+        wq.bit_logits.copy_(torch.tensor([[50.0, 0.0, 0.0], [0.0, 0.0, 50.0]]))  # group 0: 2 bits, 1: 8
+    assert float(dfq.expected_weight_bits({"c": wq}).detach()) == pytest.approx(3 * 27 * 2 + 3 * 27 * 8)
+    wq2 = _searching(groups=2, seed=3)
+    dfq.expected_weight_bits({"c": wq2}).backward()  # differentiable: the budget search steps on it
+    grad_w = wq2.bit_logits.grad.clone()
+    wq2.bit_logits.grad = None
+    dfq.expected_size_bits({"c": wq2}).backward()  # bias and scales are constants in α
+    torch.testing.assert_close(grad_w, wq2.bit_logits.grad)
+
+
+def _budget_search(avg_bits: float, seed: int = 0) -> tuple[dfq.DFQHistory, dict[str, WeightQuantizer]]:
+    model, searched, train, val = _tiny_problem(seed)
+    n = sum(m.weight_numel_per_channel() * m.out_channels for m in searched.values())
+    settings = dfq.DFQSettings(
+        epochs=3, batch_size=16, theta=100.0, size_budget_bits=avg_bits * n, progress=False
+    )
+    history = dfq.search(
+        model, searched, train, val, settings, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    return history, searched
+
+
+def test_budget_search_raises_mu_while_over_budget_and_pulls_bits_down() -> None:
+    """Uniform logits over {2, 4, 8} start at 14/3 bits per weight, above a 2.5-bit budget: μ rises
+    from 0 and the expected width falls towards the budget (θ = 100 plays no part here)."""
+    history, searched = _budget_search(2.5)
+    assert history.epochs[0]["multiplier"] > 0.0
+    assert history.epochs[-1]["avg_bits"] < history.epochs[0]["avg_bits"] < 14 / 3
+    n = sum(m.weight_numel_per_channel() * m.out_channels for m in searched.values())
+    assert float(dfq.expected_weight_bits(searched).detach()) / n < 14 / 3
+
+
+def test_budget_search_with_room_for_the_widest_never_prices_size() -> None:
+    history, _ = _budget_search(8.0)  # every candidate fits: the size constraint is never violated
+    assert [e["multiplier"] for e in history.epochs] == [0.0, 0.0, 0.0]
+
+
 def test_choose_bits_fits_the_budget() -> None:
     big = WeightQuantizer(nn.Linear(10, 10, bias=False), bits=8)  # 100 weights
     small = WeightQuantizer(nn.Linear(10, 2, bias=False), bits=8)  # 20 weights

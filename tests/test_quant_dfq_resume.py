@@ -80,6 +80,23 @@ def test_crash_after_an_epoch_then_resume_equals_an_uninterrupted_search(tmp_pat
     assert len(set(multipliers)) == EPOCHS
 
 
+def test_a_budget_search_resumes_its_size_multiplier_exactly(tmp_path: Path) -> None:
+    """With a size budget (2.5 bits per weight, below the 14/3 of uniform logits) μ is the moving
+    multiplier: it is saved, and the resumed search equals the uninterrupted one."""
+    model = worker.build()
+    n = sum(m.weight_numel_per_channel() * m.out_channels for m in model.searched().values())
+    budget = {"size_budget_bits": 2.5 * n}
+    reference, reference_history = _search(tmp_path / "a", resume=False, **budget)
+    with pytest.raises(_Crash):
+        _search(tmp_path / "b", resume=False, crash_after=1, **budget)
+    saved = torch.load(tmp_path / "b" / "ckpt-000001.pt", weights_only=True)
+    assert saved["extra"]["constraint"]["size_multiplier"] > 0.0
+    resumed, resumed_history = _search(tmp_path / "b", resume=True, **budget)
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert resumed_history == reference_history
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     with pytest.raises(_Crash):
         _search(tmp_path, resume=False, crash_after=1)
