@@ -79,6 +79,11 @@ class QuantizeOptions(HaqOptions):
         "the size); false: the paper's smallest size within θ, then fit the budget when discretizing",
     )
     search_epochs: int = option(-1, "dfq: search epochs (-1: --epochs)")
+    search_weight_lr: float = option(
+        -1.0,
+        "dfq: learning rate of the weights during the search (-1: the fine-tune rate, weights and α "
+        "alternate as in the paper; 0: α alone, searched on the trained weights, then one fine-tune)",
+    )
     arch_lr: float = option(0.05, "dfq: Adam learning rate of the bit logits α")
     dual_lr: float = option(1.0, "dfq: step size of the Lagrange multiplier's dual ascent")
     initial_multiplier: float = option(1.0, "dfq: initial Lagrange multiplier λ")
@@ -164,7 +169,7 @@ class Quantize(Pass):
             settings = dfq.DFQSettings(
                 epochs=opts.search_epochs if opts.search_epochs >= 0 else ctx.train.epochs,
                 batch_size=ctx.train.batch_size,
-                weight_lr=self._finetune_lr(ctx),
+                weight_lr=opts.search_weight_lr if opts.search_weight_lr >= 0 else self._finetune_lr(ctx),
                 arch_lr=opts.arch_lr,
                 dual_lr=opts.dual_lr,
                 initial_multiplier=opts.initial_multiplier,

@@ -125,7 +125,8 @@ class DFQSettings:
     epochs: int = 2
     #: Global batch of both splits (shared by the processes under torchrun).
     batch_size: int = 64
-    #: SGD (momentum 0.9, weight decay 5e-4) learning rate of the weights, on the training split.
+    #: SGD (momentum 0.9, weight decay 5e-4) learning rate of the weights, on the training split;
+    #: 0 keeps the weights as trained and searches α alone.
     weight_lr: float = 0.01
     #: Adam learning rate of the bit logits α, on the validation split.
     arch_lr: float = 0.05
@@ -245,8 +246,12 @@ class DFQSearch:
     def weight_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One SGD step of the weights on a training batch (α fixed); returns the global loss.
 
-        A non-finite loss is returned without an update, for the caller to report.
+        A non-finite loss is returned without an update, for the caller to report. With a weight
+        learning rate of 0 (α searched on the weights as trained) the loss is only measured.
         """
+        if self.settings.weight_lr == 0:
+            with torch.no_grad():
+                return _global_mean(self.loss_fn(self.model(x), y), len(y))
         with frozen(self.arch):
             self.weight_optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(x), y)

@@ -152,6 +152,16 @@ def test_budget_search_with_room_for_the_widest_never_prices_size() -> None:
     assert [e["multiplier"] for e in history.epochs] == [0.0, 0.0, 0.0]
 
 
+def test_a_zero_weight_rate_searches_alpha_alone_on_the_trained_weights() -> None:
+    model, searched, train, val = _tiny_problem(2)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    settings = dfq.DFQSettings(epochs=2, batch_size=16, weight_lr=0.0, theta=100.0, progress=False)
+    dfq.search(model, searched, train, val, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    after = model.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert moved == {"0.bit_logits", "2.bit_logits"}
+
+
 def test_choose_bits_fits_the_budget() -> None:
     big = WeightQuantizer(nn.Linear(10, 10, bias=False), bits=8)  # 100 weights
     small = WeightQuantizer(nn.Linear(10, 2, bias=False), bits=8)  # 20 weights
