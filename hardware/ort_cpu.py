@@ -14,7 +14,6 @@ only ever add time to a measurement.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from hardware.runtime import (
     measurement_session,
     ort_version,
     session_inputs,
-    time_interleaved,
     time_session,
 )
 from hardware.single_layer import OPSET, build_single_layer
@@ -125,29 +123,23 @@ class OrtCpuTarget(Target):
         max_seconds: float = 0.4,
         fallback_shape: tuple[int, ...] | None = None,
     ) -> dict[str, list[Timing]]:
-        """Every model timed once per round for ``rounds`` rounds (:func:`hardware.runtime.time_interleaved`).
+        """Every model timed once per round (:meth:`time_model`, at most ``max_seconds``), ``rounds``
+        rounds in turn: a shared machine's drift slows all of them alike, so ratios and sums across
+        them cancel it.
 
-        Sessions are opened and warmed up once; each round then times each model for at most
-        ``max_seconds``. Inputs at ``batch`` where the batch axis is symbolic.
+        Each round opens a fresh session per model. One session kept for every round would carry
+        its own luck: two sessions of the same int8 file, timed in the same rounds, measured 0.39
+        and 0.60 ms here (buffer placement, most likely); fresh sessions average that out.
         """
-        sessions = {key: measurement_session(model, self.threads) for key, model in models.items()}
-        feeds = {
-            key: session_inputs(session, batch=batch, fallback_shape=fallback_shape)
-            for key, session in sessions.items()
-        }
-        calls = {key: functools.partial(session.run, None, feeds[key]) for key, session in sessions.items()}
-        for call in calls.values():
-            for _ in range(self.warmup):
-                call()
-        return time_interleaved(
-            calls,
-            rounds,
-            warmup=1,
-            max_seconds=max_seconds,
-            rel_tol=self.rel_tol,
-            max_spread=self.max_spread,
-            clock=self.clock,
-        )
+        timings: dict[str, list[Timing]] = {key: [] for key in models}
+        for _ in range(max(1, rounds)):
+            for key, model in models.items():
+                timings[key].append(
+                    self.time_model(
+                        model, batch=batch, max_seconds=max_seconds, fallback_shape=fallback_shape
+                    )
+                )
+        return timings
 
     def per_call_overhead_ms(self) -> float:
         """The latency of a one-element ReLU: the runtime's fixed cost per ``run`` call."""

@@ -13,7 +13,7 @@ import functools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -241,19 +241,3 @@ def time_session(
 ) -> Timing:
     """:func:`time_callable` on ``session.run(None, feeds)``."""
     return time_callable(lambda: session.run(None, feeds), **timing_options)
-
-
-def time_interleaved(
-    calls: Mapping[str, Callable[[], Any]], rounds: int, **timing_options: Any
-) -> dict[str, list[Timing]]:
-    """:func:`time_callable` on every callable once per round, ``rounds`` rounds in turn.
-
-    A shared machine's speed drifts over seconds; callables timed in the same rounds see the same
-    drift, so ratios and sums across them (a prediction against a measurement, a policy against
-    its reference) cancel it, where timing one after the other would not.
-    """
-    timings: dict[str, list[Timing]] = {key: [] for key in calls}
-    for _ in range(max(1, rounds)):
-        for key, fn in calls.items():
-            timings[key].append(time_callable(fn, **timing_options))
-    return timings

@@ -29,19 +29,20 @@ def _two_same_convs() -> IR:
     return IR.from_module(model, (1, 4, 8, 8))
 
 
-def test_interleaved_rounds_time_every_callable_once_per_round() -> None:
-    """The call log shows rounds A…B…A…B…, never all of A's timings first."""
-    log: list[str] = []
-    timings = runtime.time_interleaved(
-        {"a": lambda: log.append("a"), "b": lambda: log.append("b")},
-        rounds=3,
-        warmup=0,
-        min_runs=2,
-        max_runs=2,
-        chunk=2,
-    )
+def test_interleaved_rounds_time_every_model_once_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timing log shows rounds a, b, a, b, a, b, never all of a's timings first; each timing is a
+    time_model call of its own (a fresh session), at the batch asked for."""
+    target = OrtCpuTarget(threads=1)
+    log: list[tuple[object, int]] = []
+
+    def fake_time_model(model: object, batch: int = 1, **_: object) -> runtime.Timing:
+        log.append((model, batch))
+        return _timing(1.0)
+
+    monkeypatch.setattr(target, "time_model", fake_time_model)
+    timings = target.time_interleaved({"a": b"A", "b": b"B"}, batch=4, rounds=3)
     assert [len(v) for v in timings.values()] == [3, 3]
-    assert log == ["a", "a", "b", "b"] * 3
+    assert log == [(b"A", 4), (b"B", 4)] * 3
 
 
 def test_a_drift_that_slows_everything_alike_cancels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
