@@ -129,7 +129,7 @@ class OrtCpuTarget(Target):
 
         Each round opens a fresh session per model. One session kept for every round would carry
         its own luck: two sessions of the same int8 file, timed in the same rounds, measured 0.39
-        and 0.60 ms here (buffer placement, most likely); fresh sessions average that out.
+        and 0.60 ms here (the cause was not pinned down); fresh sessions average that out.
         """
         timings: dict[str, list[Timing]] = {key: [] for key in models}
         for _ in range(max(1, rounds)):
