@@ -105,7 +105,7 @@ def export(ir: IR, path: Path) -> Path:
 def ort_latencies(paths: dict[str, Path], rounds: int) -> dict[str, dict[str, float]]:
     """Interleaved medians at batch 1, 1 thread: each round times every model once."""
     target = OrtCpuTarget(threads=1, max_seconds=0.4)
-    timings = target.time_interleaved(paths, batch=1, rounds=rounds, max_seconds=0.4)
+    timings = target.time_interleaved(paths, batch=1, rounds=rounds)
     samples = {key: [t.median_ms for t in per_round] for key, per_round in timings.items()}
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v)} for k, v in samples.items()}
 

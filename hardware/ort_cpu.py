@@ -120,10 +120,11 @@ class OrtCpuTarget(Target):
         models: Mapping[str, str | Path | bytes],
         batch: int = 1,
         rounds: int = 5,
-        max_seconds: float = 0.4,
+        max_seconds: float | None = None,
         fallback_shape: tuple[int, ...] | None = None,
     ) -> dict[str, list[Timing]]:
-        """Every model timed once per round (:meth:`time_model`, at most ``max_seconds``), ``rounds``
+        """Every model timed once per round (:meth:`time_model`, at most ``max_seconds``, by default
+        the target's), ``rounds``
         rounds in turn: a shared machine's drift slows all of them alike, so ratios and sums across
         them cancel it.
 

@@ -60,12 +60,12 @@ def paired_prediction(
     """Predict ``model`` (the ONNX file of ``ir`` at the bit-widths its metadata carries) from its
     layers and measure it, in the same ``rounds`` interleaved rounds, at ``batch``."""
     at_batch = ir_at_batch(ir, batch)
-    groups = [g for g in layer_groups(at_batch) if g.signature is not None]
-    keys = [g.signature.key() for g in groups if g.signature is not None]
+    layers = [(g.signature, g.module) for g in layer_groups(at_batch) if g.signature is not None]
+    keys = [signature.key() for signature, _ in layers]
     singles: dict[str, bytes] = {}
-    for group, key in zip(groups, keys):
-        if key not in singles and group.signature is not None:
-            singles[key] = build_single_layer(group.signature, group.module)
+    for (signature, module), key in zip(layers, keys):
+        if key not in singles:
+            singles[key] = build_single_layer(signature, module)
     files: dict[str, str | Path | bytes] = {f"layer:{k}": v for k, v in singles.items()}
     files[_OVERHEAD] = overhead_model()
     files[_MODEL] = model

@@ -26,7 +26,7 @@ class FileTimer(Protocol):
     """What the meter needs of a measured target (:class:`hardware.ort_cpu.OrtCpuTarget`)."""
 
     def time_interleaved(
-        self, models: Mapping[str, Path], batch: int = 1, rounds: int = 5, max_seconds: float = 0.4
+        self, models: Mapping[str, Path], batch: int = 1, rounds: int = 5, max_seconds: float | None = None
     ) -> dict[str, list[Timing]]: ...
 
 
