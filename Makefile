@@ -29,7 +29,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy ir passes hardware
+	$(VENV)/bin/mypy -p fxsculpt.ir -p fxsculpt.passes -p fxsculpt.hardware
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="measure a model's latency per layer on a hardware target")
     try:
-        from hardware.profile_cli import add_profile_arguments
+        from fxsculpt.hardware.profile_cli import add_profile_arguments
     except ImportError:
         prof.add_argument("model", help="a .pt, .pt2 or .onnx file")
     else:
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- helpers ---------------------------------------------------------------------------------
 def parse_key_values(items: Sequence[str], flag: str) -> dict[str, str]:
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     values: dict[str, str] = {}
     for item in items:
@@ -191,7 +191,7 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, str]:
 
 def parse_pass_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["darts.order=2", ...]`` → ``{"darts": {"order": "2"}}``."""
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     options: dict[str, dict[str, Any]] = {}
     for key, value in parse_key_values(items, "--set").items():
@@ -204,7 +204,7 @@ def parse_pass_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Read a TOML config: top-level settings and one table of options per pass."""
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     try:
         with open(path, "rb") as handle:
@@ -252,7 +252,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 
 
 def make_registry(plugins: Sequence[str]):  # -> PassRegistry
-    from passes.registry import PassRegistry
+    from fxsculpt.passes.registry import PassRegistry
 
     registry = PassRegistry.with_builtins()
     registry.load_entry_points()
@@ -263,7 +263,7 @@ def make_registry(plugins: Sequence[str]):  # -> PassRegistry
 
 def load_options_from_args(args: argparse.Namespace, input_shape: tuple[int, ...] | None, data: Any = None):
     """The loader's options from the shared model flags, filling gaps from the data."""
-    from ir.load import LoadOptions
+    from fxsculpt.ir.load import LoadOptions
 
     model_options = parse_key_values(args.model_opt, "--model-opt")
     if args.genotype:
@@ -288,7 +288,7 @@ def load_options_from_args(args: argparse.Namespace, input_shape: tuple[int, ...
 
 
 def check_data_fits(ir: Any, data: Any, data_spec: str) -> None:
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     sample_shape = tuple(ir.input_shape[1:])
     if tuple(data.input_shape) != sample_shape:
@@ -296,7 +296,7 @@ def check_data_fits(ir: Any, data: Any, data_spec: str) -> None:
             f"data {data_spec} has samples of shape {'x'.join(map(str, data.input_shape))} but the model takes "
             f"{'x'.join(map(str, sample_shape))}; pass matching --data, or --data none"
         )
-    from training.data import check_labels
+    from fxsculpt.training.data import check_labels
 
     if ir.num_classes is not None:
         check_labels(data, ir.num_classes)
@@ -308,8 +308,8 @@ def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple
     A new run refuses an output folder holding checkpoints of an unfinished run: they would be
     lost, and the user most likely meant ``--resume``.
     """
-    from ir.errors import BadInputError
-    from training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints
+    from fxsculpt.ir.errors import BadInputError
+    from fxsculpt.training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints
 
     if args.resume is None:
         out_dir = Path(settings["out"])
@@ -326,7 +326,7 @@ def resolve_out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> tuple
         raise BadInputError(
             f"--resume {resume}: no checkpoints in {resume / CHECKPOINT_FOLDER} to resume from"
         )
-    from training.distributed import is_main_process
+    from fxsculpt.training.distributed import is_main_process
 
     if is_main_process():  # rank 0 only: other ranks must not race it for its new staging folder
         for stale in resume.glob(".fxsculpt-staging-*"):  # left by the killed run, which could not clean up
@@ -354,7 +354,7 @@ def run_fingerprint(
 # -- commands --------------------------------------------------------------------------------
 def cmd_optimize(args: argparse.Namespace) -> int:
     """``optimize``, joining the torchrun process group first when started by torchrun."""
-    from training import distributed
+    from fxsculpt.training import distributed
 
     try:
         if distributed.launched_by_torchrun():
@@ -371,31 +371,31 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
-    from ir.errors import BadInputError
-    from ir.load import load_ir, parse_shape
-    from passes.base import Context, TrainSettings
-    from passes.outputs import OutputFolder
-    from passes.pipeline import Pipeline
-    from passes.report import build_report, render_console, render_markdown, to_json
+    from fxsculpt.ir.errors import BadInputError
+    from fxsculpt.ir.load import load_ir, parse_shape
+    from fxsculpt.passes.base import Context, TrainSettings
+    from fxsculpt.passes.outputs import OutputFolder
+    from fxsculpt.passes.pipeline import Pipeline
+    from fxsculpt.passes.report import build_report, render_console, render_markdown, to_json
 
     settings, pass_options = resolve_settings(args)
     plugins = list(settings["plugins"] or []) + list(args.plugin or [])
     registry = make_registry(plugins)
     pipeline = Pipeline(settings["passes"], registry=registry, options=pass_options)
 
-    from hardware.targets import TARGET_NAMES
+    from fxsculpt.hardware.targets import TARGET_NAMES
 
     if settings["target"] not in TARGET_NAMES:
         raise BadInputError(f"unknown --target '{settings['target']}' (known: {', '.join(TARGET_NAMES)})")
     budget = None
     if settings["budget"]:
-        from hardware.budget import parse_budget
+        from fxsculpt.hardware.budget import parse_budget
 
         budget = parse_budget(str(settings["budget"]))
     device = torch.device(settings["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for, but no CUDA device is available")
-    from training import distributed
+    from fxsculpt.training import distributed
 
     dist_info = distributed.active()
     if dist_info is not None:
@@ -405,7 +405,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if workers < 1:
         raise BadInputError(f"--workers must be >= 1, got {workers}")
     if workers > 1 or settings["ray_address"]:
-        from training.parallel import require_ray
+        from fxsculpt.training.parallel import require_ray
 
         require_ray()
     if settings["threads"] < 1 or settings["epochs"] < 0 or settings["batch_size"] < 1 or settings["lr"] <= 0:
@@ -415,7 +415,7 @@ def _optimize(args: argparse.Namespace) -> int:
     data_spec = None if str(settings["data"]).lower() == "none" else str(settings["data"])
     data = None
     if data_spec is not None:
-        from training.data import load_data
+        from fxsculpt.training.data import load_data
 
         data = load_data(
             data_spec,
@@ -455,7 +455,7 @@ def _optimize(args: argparse.Namespace) -> int:
         workers=workers,
         ray_address=settings["ray_address"],
     )
-    from training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints, record_run_settings
+    from fxsculpt.training.checkpoint import CHECKPOINT_FOLDER, has_checkpoints, record_run_settings
 
     complete = False
     try:
@@ -487,8 +487,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ir.load import load_ir, parse_shape
-    from passes.report import _fmt_count
+    from fxsculpt.ir.load import load_ir, parse_shape
+    from fxsculpt.passes.report import _fmt_count
 
     input_shape = parse_shape(args.input_shape) if args.input_shape else None
     ir = load_ir(args.model, load_options_from_args(args, input_shape))
@@ -530,7 +530,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_passes(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from passes.options import describe_type, resolved_types
+    from fxsculpt.passes.options import describe_type, resolved_types
 
     registry = make_registry(args.plugin)
     listing = []
@@ -559,10 +559,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     try:
-        from hardware.profile_cli import run_profile
+        from fxsculpt.hardware.profile_cli import run_profile
     except ImportError:
         raise BadInputError("profiling needs the hardware package, which this installation lacks") from None
     return int(run_profile(args))
@@ -594,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-        from ir.errors import FxsculptError
+        from fxsculpt.ir.errors import FxsculptError
 
         try:
             return COMMANDS[args.command](args)

@@ -30,11 +30,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from passes.base import TrainSettings  # noqa: E402
-from training.checkpoint import Checkpointer  # noqa: E402
-from training.data import load_data  # noqa: E402
-from training.loop import train_model  # noqa: E402
-from zoo import BuiltinSpec, build_builtin  # noqa: E402
+from fxsculpt.passes.base import TrainSettings  # noqa: E402
+from fxsculpt.training.checkpoint import Checkpointer  # noqa: E402
+from fxsculpt.training.data import load_data  # noqa: E402
+from fxsculpt.training.loop import train_model  # noqa: E402
+from fxsculpt.zoo import BuiltinSpec, build_builtin  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 RESULTS = ROOT / "bench" / "results"

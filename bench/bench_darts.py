@@ -106,8 +106,8 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from nas.darts.search import SearchSettings, make_optimizers, weight_step
-    from nas.darts.supernet import SearchNetwork
+    from fxsculpt.nas.darts.search import SearchSettings, make_optimizers, weight_step
+    from fxsculpt.nas.darts.supernet import SearchNetwork
 
     torch.set_num_threads(args.threads)
     lean = args.impl == "lean"

@@ -40,18 +40,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hardware.bitserial import BitserialTarget  # noqa: E402
-from hardware.counts import count_model  # noqa: E402
-from hardware.ort_cpu import OrtCpuTarget  # noqa: E402
-from ir.graph import IR  # noqa: E402
-from passes.base import Context, TrainSettings  # noqa: E402
-from passes.hardware import onnx_accuracy  # noqa: E402
-from quant import export as qe  # noqa: E402
-from quant.haq.options import HaqOptions  # noqa: E402
-from quant.haq.run import finalize_policy, prepare_haq, run_haq  # noqa: E402
-from training.data import load_data  # noqa: E402
-from training.loop import evaluate, train_model  # noqa: E402
-from zoo import BuiltinSpec, build_builtin  # noqa: E402
+from fxsculpt.hardware.bitserial import BitserialTarget  # noqa: E402
+from fxsculpt.hardware.counts import count_model  # noqa: E402
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget  # noqa: E402
+from fxsculpt.ir.graph import IR  # noqa: E402
+from fxsculpt.passes.base import Context, TrainSettings  # noqa: E402
+from fxsculpt.passes.hardware import onnx_accuracy  # noqa: E402
+from fxsculpt.quant import export as qe  # noqa: E402
+from fxsculpt.quant.haq.options import HaqOptions  # noqa: E402
+from fxsculpt.quant.haq.run import finalize_policy, prepare_haq, run_haq  # noqa: E402
+from fxsculpt.training.data import load_data  # noqa: E402
+from fxsculpt.training.loop import evaluate, train_model  # noqa: E402
+from fxsculpt.zoo import BuiltinSpec, build_builtin  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 TARGETS = (("ort-cpu", 1.5), ("bitserial", 0.6))

@@ -42,15 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hardware.bitserial import BitserialTarget  # noqa: E402
-from hardware.latency_table import LatencyTable, ir_at_batch, predict_model  # noqa: E402
-from hardware.layers import layer_groups  # noqa: E402
-from hardware.ort_cpu import OrtCpuTarget  # noqa: E402
-from hardware.paired_prediction import paired_prediction  # noqa: E402
-from hardware.runtime import cpu_name, measurement_session, ort_version  # noqa: E402
-from ir.graph import IR  # noqa: E402
-from ir.load import LoadOptions, load_ir  # noqa: E402
-from passes.export import export_onnx  # noqa: E402
+from fxsculpt.hardware.bitserial import BitserialTarget  # noqa: E402
+from fxsculpt.hardware.latency_table import LatencyTable, ir_at_batch, predict_model  # noqa: E402
+from fxsculpt.hardware.layers import layer_groups  # noqa: E402
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget  # noqa: E402
+from fxsculpt.hardware.paired_prediction import paired_prediction  # noqa: E402
+from fxsculpt.hardware.runtime import cpu_name, measurement_session, ort_version  # noqa: E402
+from fxsculpt.ir.graph import IR  # noqa: E402
+from fxsculpt.ir.load import LoadOptions, load_ir  # noqa: E402
+from fxsculpt.passes.export import export_onnx  # noqa: E402
 
 MODELS = ("resnet", "mobilenet")
 BATCHES = (1, 32)

@@ -44,17 +44,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from ir.constructs import Gate  # noqa: E402
-from ir.graph import IR  # noqa: E402
-from nas.dso.gating import fold_gates, gate_branches, gate_channels  # noqa: E402
-from nas.dso.magnitude import magnitude_prune_to_macs  # noqa: E402
-from nas.dso.ranking import CutScore, meet_macs_target  # noqa: E402
-from nas.dso.search import SearchSettings, search, split_halves  # noqa: E402
-from passes.base import TrainSettings  # noqa: E402
-from passes.prune import PruneOptions, measure_latency_ms  # noqa: E402
-from training.data import load_data  # noqa: E402
-from training.loop import evaluate, make_loader, train_model  # noqa: E402
-from zoo import BuiltinSpec, build_builtin  # noqa: E402
+from fxsculpt.ir.constructs import Gate  # noqa: E402
+from fxsculpt.ir.graph import IR  # noqa: E402
+from fxsculpt.nas.dso.gating import fold_gates, gate_branches, gate_channels  # noqa: E402
+from fxsculpt.nas.dso.magnitude import magnitude_prune_to_macs  # noqa: E402
+from fxsculpt.nas.dso.ranking import CutScore, meet_macs_target  # noqa: E402
+from fxsculpt.nas.dso.search import SearchSettings, search, split_halves  # noqa: E402
+from fxsculpt.passes.base import TrainSettings  # noqa: E402
+from fxsculpt.passes.prune import PruneOptions, measure_latency_ms  # noqa: E402
+from fxsculpt.training.data import load_data  # noqa: E402
+from fxsculpt.training.loop import evaluate, make_loader, train_model  # noqa: E402
+from fxsculpt.zoo import BuiltinSpec, build_builtin  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 RESULTS = ROOT / "bench" / "results"

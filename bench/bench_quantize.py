@@ -32,15 +32,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hardware.counts import count_model  # noqa: E402
-from ir.graph import IR  # noqa: E402
-from passes.base import Context, TrainSettings  # noqa: E402
-from passes.quantize import Quantize  # noqa: E402
-from quant import export as qe  # noqa: E402
-from quant import insert as qi  # noqa: E402
-from training.data import load_data  # noqa: E402
-from training.loop import evaluate, make_loader, train_model  # noqa: E402
-from zoo import BuiltinSpec, build_builtin  # noqa: E402
+from fxsculpt.hardware.counts import count_model  # noqa: E402
+from fxsculpt.ir.graph import IR  # noqa: E402
+from fxsculpt.passes.base import Context, TrainSettings  # noqa: E402
+from fxsculpt.passes.quantize import Quantize  # noqa: E402
+from fxsculpt.quant import export as qe  # noqa: E402
+from fxsculpt.quant import insert as qi  # noqa: E402
+from fxsculpt.training.data import load_data  # noqa: E402
+from fxsculpt.training.loop import evaluate, make_loader, train_model  # noqa: E402
+from fxsculpt.zoo import BuiltinSpec, build_builtin  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 

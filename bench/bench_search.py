@@ -33,17 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nas.sample.encoding import Arch, SearchSpace, genotype_to_json  # noqa: E402
-from nas.sample.evaluator import (  # noqa: E402
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace, genotype_to_json  # noqa: E402
+from fxsculpt.nas.sample.evaluator import (  # noqa: E402
     CandidateEvaluator,
     ShortTrainingBackend,
     WeightSharingBackend,
 )
-from nas.sample.evolution import regularized_evolution  # noqa: E402
-from nas.sample.nao import NAOSettings, nao_search  # noqa: E402
-from nas.sample.random_search import random_search  # noqa: E402
-from nas.sample.rl import reinforce_search  # noqa: E402
-from passes.sample_search import SpaceShape, derived_network  # noqa: E402
+from fxsculpt.nas.sample.evolution import regularized_evolution  # noqa: E402
+from fxsculpt.nas.sample.nao import NAOSettings, nao_search  # noqa: E402
+from fxsculpt.nas.sample.random_search import random_search  # noqa: E402
+from fxsculpt.nas.sample.rl import reinforce_search  # noqa: E402
+from fxsculpt.passes.sample_search import SpaceShape, derived_network  # noqa: E402
 
 METHODS = ("nao", "rl", "evolution", "random")
 
@@ -89,8 +89,8 @@ def run_method(
 
 def retrain_test(shape: SpaceShape, arch: Arch, data: Any, cfg: dict[str, Any], seed: int) -> float:
     """The same short retraining from scratch for every final pick, then test accuracy."""
-    from passes.base import TrainSettings
-    from training.loop import evaluate, train_model
+    from fxsculpt.passes.base import TrainSettings
+    from fxsculpt.training.loop import evaluate, train_model
 
     torch.manual_seed(seed)
     model = derived_network(shape, arch)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from training.data import load_data
+    from fxsculpt.training.data import load_data
 
     data = load_data(f"npz:{args.data}", seed=0, val_fraction=0.1)
     cfg: dict[str, Any] = {

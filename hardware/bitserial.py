@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import nn
 
-from hardware.layers import LayerSignature, layer_groups
-from hardware.targets import ModelLatency, Target
-from ir.errors import BadInputError
-from ir.graph import IR
+from fxsculpt.hardware.layers import LayerSignature, layer_groups
+from fxsculpt.hardware.targets import ModelLatency, Target
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
 
 LABEL = "analytical model, not a measurement (bit-fusion roofline)"
 

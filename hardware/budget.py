@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 LATENCY_UNITS = {"us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ms": 1.0, "s": 1000.0}  # → milliseconds
 SIZE_UNITS = {

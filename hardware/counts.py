@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ir.constructs import ARCH_PARAM_NAMES
-from ir.graph import IR
+from fxsculpt.ir.constructs import ARCH_PARAM_NAMES
+from fxsculpt.ir.graph import IR
 
 FLOAT_BITS = 32
 

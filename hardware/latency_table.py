@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import nn
 
-from hardware.layers import LayerGroup, LayerSignature, layer_groups
-from hardware.targets import Target
-from ir.graph import IR
+from fxsculpt.hardware.layers import LayerGroup, LayerSignature, layer_groups
+from fxsculpt.hardware.targets import Target
+from fxsculpt.ir.graph import IR
 
 CACHE_ENV = "FXSCULPT_CACHE"
 TABLE_VERSION = 1

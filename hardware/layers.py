@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ir.constructs import Quantizer
-from ir.graph import IR
+from fxsculpt.ir.constructs import Quantizer
+from fxsculpt.ir.graph import IR
 
 #: Modules and functions that cost nothing at inference (removed or folded by the exporter).
 _FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)

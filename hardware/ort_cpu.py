@@ -22,8 +22,8 @@ import onnx
 from onnx import TensorProto, helper
 from torch import nn
 
-from hardware.layers import LayerSignature
-from hardware.runtime import (
+from fxsculpt.hardware.layers import LayerSignature
+from fxsculpt.hardware.runtime import (
     DEFAULT_MAX_SPREAD,
     Clock,
     Timing,
@@ -34,10 +34,10 @@ from hardware.runtime import (
     session_inputs,
     time_session,
 )
-from hardware.single_layer import OPSET, build_single_layer
-from hardware.targets import ModelLatency, Target
-from ir.errors import BadInputError
-from ir.graph import IR
+from fxsculpt.hardware.single_layer import OPSET, build_single_layer
+from fxsculpt.hardware.targets import ModelLatency, Target
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
 
 
 class OrtCpuTarget(Target):

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hardware.latency_table import additive_latency_ms, ir_at_batch
-from hardware.layers import layer_groups
-from hardware.ort_cpu import OrtCpuTarget, overhead_model
-from hardware.single_layer import build_single_layer
-from ir.graph import IR
+from fxsculpt.hardware.latency_table import additive_latency_ms, ir_at_batch
+from fxsculpt.hardware.layers import layer_groups
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget, overhead_model
+from fxsculpt.hardware.single_layer import build_single_layer
+from fxsculpt.ir.graph import IR
 
 _OVERHEAD = "overhead"
 _MODEL = "model"

@@ -18,12 +18,12 @@ from typing import Any
 
 from tabulate import tabulate
 
-from hardware.counts import count_model
-from hardware.profiler import profile_onnx
-from hardware.runtime import cpu_name
-from hardware.targets import TARGET_NAMES, get_target
-from ir.errors import BadInputError
-from ir.graph import IR
+from fxsculpt.hardware.counts import count_model
+from fxsculpt.hardware.profiler import profile_onnx
+from fxsculpt.hardware.runtime import cpu_name
+from fxsculpt.hardware.targets import TARGET_NAMES, get_target
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _load(args: argparse.Namespace) -> IR:
-    from ir.load import LoadOptions, load_ir
+    from fxsculpt.ir.load import LoadOptions, load_ir
 
     options: dict[str, Any] = {}
     for item in getattr(args, "model_opt", []) or []:
@@ -114,7 +114,7 @@ def profile_model(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fxsculpt-profile-") as tmp:
         onnx_path: Path | None = Path(source) if is_onnx else None
         if ir is not None and not target.analytical:
-            from passes.export import export_onnx
+            from fxsculpt.passes.export import export_onnx
 
             onnx_path = Path(tmp) / "model.onnx"
             gm = ir.gm.eval()

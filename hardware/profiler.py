@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from torch import fx, nn
 
-from hardware.runtime import measurement_session, session_inputs
-from ir.graph import IR
+from fxsculpt.hardware.runtime import measurement_session, session_inputs
+from fxsculpt.ir.graph import IR
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 

@@ -32,10 +32,10 @@ from typing import Any
 
 from torch import fx
 
-from hardware.layers import _FREE_MODULES, LayerGroup, LayerSignature, erased_source, layer_groups
-from hardware.single_layer import conversion_signature, is_int8
-from ir.constructs import Quantizer
-from ir.graph import IR
+from fxsculpt.hardware.layers import _FREE_MODULES, LayerGroup, LayerSignature, erased_source, layer_groups
+from fxsculpt.hardware.single_layer import conversion_signature, is_int8
+from fxsculpt.ir.constructs import Quantizer
+from fxsculpt.ir.graph import IR
 
 
 @dataclass

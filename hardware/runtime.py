@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
-from ir.errors import BadInputError, first_line
+from fxsculpt.ir.errors import BadInputError, first_line
 
 #: p90 / median above this means the timings are too noisy to trust (shared machine, throttling).
 DEFAULT_MAX_SPREAD = 1.5

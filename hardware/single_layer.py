@@ -36,8 +36,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from hardware.layers import LayerSignature
-from ir.errors import BadInputError, first_line
+from fxsculpt.hardware.layers import LayerSignature
+from fxsculpt.ir.errors import BadInputError, first_line
 
 OPSET = 18
 _X_SCALE, _X_ZP = 0.05, 128

@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from hardware.layers import LayerSignature
-from ir.errors import BadInputError
-from ir.graph import IR
+from fxsculpt.hardware.layers import LayerSignature
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
 
 
 @dataclass
@@ -73,11 +73,11 @@ TARGET_NAMES = ("ort-cpu", "bitserial")
 def get_target(name: str, threads: int = 1, **options: Any) -> Target:
     """The target called ``name`` with ``threads`` and target-specific ``options``."""
     if name == "ort-cpu":
-        from hardware.ort_cpu import OrtCpuTarget
+        from fxsculpt.hardware.ort_cpu import OrtCpuTarget
 
         return OrtCpuTarget(threads=threads, **options)
     if name == "bitserial":
-        from hardware.bitserial import BitserialTarget
+        from fxsculpt.hardware.bitserial import BitserialTarget
 
         return BitserialTarget(threads=threads, **options)
     raise BadInputError(f"unknown hardware target '{name}' (known: {', '.join(TARGET_NAMES)})")

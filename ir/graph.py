@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ir.constructs import ARCH_PARAM_NAMES, SearchConstruct
-from ir.errors import BadInputError, first_line
+from fxsculpt.ir.constructs import ARCH_PARAM_NAMES, SearchConstruct
+from fxsculpt.ir.errors import BadInputError, first_line
 
 META_KEY = "sculpt"
 

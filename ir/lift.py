@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 aten = torch.ops.aten
 

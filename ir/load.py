@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ir.errors import BadInputError, first_line
-from ir.graph import IR
-from ir.lift import lift_exported
-from ir.trace import trace_module
+from fxsculpt.ir.errors import BadInputError, first_line
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.lift import lift_exported
+from fxsculpt.ir.trace import trace_module
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -101,7 +101,7 @@ def load_ir(source: str, options: LoadOptions | None = None) -> IR:
 
 
 def _load_builtin(name: str, options: LoadOptions) -> IR:
-    from zoo import BuiltinSpec, build_builtin
+    from fxsculpt.zoo import BuiltinSpec, build_builtin
 
     in_channels, image_size = options.in_channels, options.image_size
     if options.input_shape is not None:

@@ -19,8 +19,8 @@ from types import TracebackType
 import torch
 from torch import fx, nn
 
-from ir.errors import BadInputError
-from ir.graph import trace
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import trace
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _IR_DIR = str(Path(__file__).resolve().parent)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ir.errors import RunFailedError
-from ir.graph import IR
+from fxsculpt.ir.errors import RunFailedError
+from fxsculpt.ir.graph import IR
 
 
 def outputs_of(gm: fx.GraphModule, x: torch.Tensor) -> list[torch.Tensor]:

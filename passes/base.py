@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from passes.options import NoOptions, build_options
+from fxsculpt.passes.options import NoOptions, build_options
 
 if TYPE_CHECKING:
-    from ir.graph import IR
-    from training.data import DataSplits
+    from fxsculpt.ir.graph import IR
+    from fxsculpt.training.data import DataSplits
 
 #: Where the pipeline puts a pass: among the user's passes, as the exporter, or after export.
 Placement = Literal["user", "export", "check"]

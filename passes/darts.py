@@ -23,18 +23,18 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from ir.constructs import Choice
-from ir.errors import BadInputError
-from ir.graph import IR
-from nas.darts.architect import unique_parameters
-from nas.darts.discretize import discretize, genotype_of
-from nas.darts.mixed import MixedOp
-from nas.darts.ops import PRIMITIVES
-from nas.darts.relax import relax
-from nas.darts.search import SearchSettings, search
-from passes.base import Context, Pass
-from passes.options import option
-from training.checkpoint import pass_checkpointer
+from fxsculpt.ir.constructs import Choice
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.darts.architect import unique_parameters
+from fxsculpt.nas.darts.discretize import discretize, genotype_of
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.darts.ops import PRIMITIVES
+from fxsculpt.nas.darts.relax import relax
+from fxsculpt.nas.darts.search import SearchSettings, search
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.options import option
+from fxsculpt.training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Darts(Pass):
         ctx.stage("genotype.json").write_text(json.dumps(document, indent=2) + "\n")
         plots: list[str] = []
         if opts.plots:
-            from nas.darts.plots import plot_alpha_history, plot_cell
+            from fxsculpt.nas.darts.plots import plot_alpha_history, plot_cell
 
             plot_alpha_history(result.alpha_history, labels, names, ctx.stage("darts_alphas.png"))
             plots.append("darts_alphas.png")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from ir.graph import IR
-from passes.base import Context, Pass
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, Pass
 
 
 @dataclass

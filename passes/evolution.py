@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ir.errors import BadInputError
-from nas.sample.checkpointing import SearchCheckpoint
-from nas.sample.encoding import SearchSpace
-from nas.sample.evaluator import CandidateEvaluator
-from nas.sample.evolution import regularized_evolution
-from passes.base import Context
-from passes.options import option
-from passes.sample_search import SampleSearchOptions, SampleSearchPass
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator
+from fxsculpt.nas.sample.evolution import regularized_evolution
+from fxsculpt.passes.base import Context
+from fxsculpt.passes.options import option
+from fxsculpt.passes.sample_search import SampleSearchOptions, SampleSearchPass
 
 
 @dataclass

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import fx
 
-from ir.errors import BadInputError, RunFailedError, first_line
-from ir.graph import IR
-from ir.verify import outputs_of
-from passes.base import Context, Pass
-from passes.options import option
+from fxsculpt.ir.errors import BadInputError, RunFailedError, first_line
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.verify import outputs_of
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.options import option
 
 NATIVE_OPSET = 18
 MAX_OPSET = 23
@@ -347,7 +347,7 @@ class Export(Pass):
             fixed = ir.input_shape[0]
             example = ir.example_input(batch=2 if opts.dynamic_batch else fixed, seed=ctx.seed).cpu()
             # Quantizers say what they need (opset 21 + a translation table for INT4 weights).
-            from quant.export import export_settings, has_quantizers
+            from fxsculpt.quant.export import export_settings, has_quantizers
 
             quantized = has_quantizers(gm)
             opset_needed, extra = export_settings(gm, opts.opset)

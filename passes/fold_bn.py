@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ir.graph import IR
-from passes.base import Context, Pass
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, Pass
 
 #: Layers a BatchNorm can fold into. Transposed convolutions keep output channels on
 #: weight dimension 1 and are not folded.

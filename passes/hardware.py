@@ -25,15 +25,15 @@ from typing import Any, Literal
 import numpy as np
 from tabulate import tabulate
 
-from hardware.budget import Budget, Constraint
-from hardware.counts import ModelCounts, count_model
-from hardware.profiler import attach_latencies, profile_onnx
-from hardware.runtime import batch_of, cpu_name, measurement_session
-from hardware.targets import ModelLatency, Target, get_target
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from passes.base import Context, Pass
-from passes.options import option
+from fxsculpt.hardware.budget import Budget, Constraint
+from fxsculpt.hardware.counts import ModelCounts, count_model
+from fxsculpt.hardware.profiler import attach_latencies, profile_onnx
+from fxsculpt.hardware.runtime import batch_of, cpu_name, measurement_session
+from fxsculpt.hardware.targets import ModelLatency, Target, get_target
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.options import option
 
 OVER_BUDGET_NAME = "model.over-budget.onnx"
 
@@ -321,7 +321,7 @@ def _export_for_measurement(ir: IR, path: Path, seed: int) -> None:
     """Export ``ir`` when no export pass staged a file (``Pipeline(..., export=False)``)."""
     import copy
 
-    from passes.export import export_onnx
+    from fxsculpt.passes.export import export_onnx
 
     gm = copy.deepcopy(ir.gm).cpu().eval()
     export_onnx(gm, ir.example_input(batch=2, seed=seed).cpu(), path, dynamic_batch=True)

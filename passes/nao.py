@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas.sample.checkpointing import SearchCheckpoint
-from nas.sample.encoding import SearchSpace
-from nas.sample.evaluator import CandidateEvaluator
-from nas.sample.nao import NAOSettings, nao_search
-from passes.base import Context
-from passes.options import option
-from passes.sample_search import SampleSearchOptions, SampleSearchPass
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator
+from fxsculpt.nas.sample.nao import NAOSettings, nao_search
+from fxsculpt.passes.base import Context
+from fxsculpt.passes.options import option
+from fxsculpt.passes.sample_search import SampleSearchOptions, SampleSearchPass
 
 
 @dataclass

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 
 def option(default: Any, help: str, *, default_factory: Any = None) -> Any:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 
 def _default_file_mode() -> int:

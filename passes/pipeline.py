@@ -12,12 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from ir.verify import verify
-from passes.base import Context, Pass
-from passes.registry import PassRegistry
-from training.distributed import is_main_process
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.verify import verify
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.registry import PassRegistry
+from fxsculpt.training.distributed import is_main_process
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _test_accuracy(ir: IR, ctx: Context) -> float | None:
     """Top-1 accuracy on the test split, when data was given and the model is a classifier."""
     if ctx.data is None or ir.num_classes is None:
         return None
-    from training.loop import evaluate
+    from fxsculpt.training.loop import evaluate
 
     _, accuracy = evaluate(ir.gm, ctx.data.test, batch_size=256, device=ctx.device)
     return accuracy

@@ -48,15 +48,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ir.constructs import Gate
-from ir.errors import BadInputError
-from ir.graph import IR
-from nas.dso.gating import fold_gates, gate_branches, gate_channels
-from nas.dso.search import SearchSettings, prune_now, search, split_halves
-from passes.base import Context, Pass
-from passes.options import option
-from training import distributed
-from training.checkpoint import pass_checkpointer
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.gating import fold_gates, gate_branches, gate_channels
+from fxsculpt.nas.dso.search import SearchSettings, prune_now, search, split_halves
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.options import option
+from fxsculpt.training import distributed
+from fxsculpt.training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -136,8 +136,8 @@ def _freeze_scales(ir: IR, value: float | None = None) -> None:
 def measure_latency_ms(ir: IR, threads: int, target: str = "ort-cpu") -> float | None:
     """Median batch-1 latency of the IR's ONNX export on ``target`` (None if that is not possible)."""
     try:
-        from hardware.targets import get_target
-        from passes.export import export_onnx
+        from fxsculpt.hardware.targets import get_target
+        from fxsculpt.passes.export import export_onnx
     except ImportError:
         return None
     if target != "ort-cpu":
@@ -166,8 +166,8 @@ class Prune(Pass):
             raise BadInputError(
                 "the prune pass trains: pass --data (e.g. npz:../shared/data/cifar10-subset.npz)"
             )
-        from training.data import check_labels
-        from training.loop import evaluate, make_loader, train_model
+        from fxsculpt.training.data import check_labels
+        from fxsculpt.training.loop import evaluate, make_loader, train_model
 
         check_labels(ctx.data, ir.num_classes)
         ir.propagate()

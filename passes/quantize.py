@@ -26,15 +26,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from passes.base import Context, Pass, TrainSettings
-from passes.options import option
-from quant import dfq
-from quant import insert as qi
-from quant.haq.options import HaqOptions
-from quant.modules import WeightQuantizer
-from training.checkpoint import pass_checkpointer
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, Pass, TrainSettings
+from fxsculpt.passes.options import option
+from fxsculpt.quant import dfq
+from fxsculpt.quant import insert as qi
+from fxsculpt.quant.haq.options import HaqOptions
+from fxsculpt.quant.modules import WeightQuantizer
+from fxsculpt.training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Quantize(Pass):
     def run(self, ir: IR, ctx: Context) -> IR:
         opts: QuantizeOptions = self.options
         if opts.method == "haq":
-            from quant.haq.run import run_haq
+            from fxsculpt.quant.haq.run import run_haq
 
             return run_haq(ir, ctx, opts)
         if opts.method == "dfq" and ctx.data is None:
@@ -212,7 +212,7 @@ class Quantize(Pass):
         self._calibrate(ir, ctx)
         epochs = opts.finetune_epochs if opts.finetune_epochs >= 0 else (1 if opts.method == "dfq" else 0)
         if epochs and ctx.data is not None:
-            from training.loop import train_model
+            from fxsculpt.training.loop import train_model
 
             settings_ft = TrainSettings(
                 epochs=epochs,
@@ -269,7 +269,7 @@ class Quantize(Pass):
         opts: QuantizeOptions = self.options
         batches: list[torch.Tensor]
         if ctx.data is not None:
-            from training.loop import make_loader
+            from fxsculpt.training.loop import make_loader
 
             loader = make_loader(
                 ctx.data.train, ctx.train.batch_size, True, ctx.generator("quantize.calibrate")
@@ -292,7 +292,7 @@ def _fold_batchnorms(ir: IR) -> None:
     """Fold BatchNorm into the preceding conv (the form integer kernels run)."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ir.gm.modules()):
         return
-    from passes.fold_bn import fold_batchnorms
+    from fxsculpt.passes.fold_bn import fold_batchnorms
 
     fold_batchnorms(ir)
     ir.gm.recompile()
@@ -300,7 +300,7 @@ def _fold_batchnorms(ir: IR) -> None:
 
 
 def _val_loss(ir: IR, ctx: Context) -> float:
-    from training.loop import evaluate
+    from fxsculpt.training.loop import evaluate
 
     assert ctx.data is not None
     loss, _ = evaluate(ir.gm, ctx.data.val, batch_size=256, device=ctx.device)

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from ir.errors import BadInputError
-from passes.base import Pass
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.passes.base import Pass
 
 ENTRY_POINT_GROUP = "fxsculpt.passes"
 
@@ -55,10 +55,10 @@ class PassRegistry:
     def with_builtins(cls) -> PassRegistry:
         """A registry holding every pass defined in the modules of the ``passes`` package."""
         registry = cls()
-        import passes as package
+        import fxsculpt.passes as package
 
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-            registry.register_module(importlib.import_module(f"passes.{info.name}"))
+            registry.register_module(importlib.import_module(f"fxsculpt.passes.{info.name}"))
         return registry
 
     def load_plugin(self, path: str | Path) -> list[type[Pass]]:

@@ -13,9 +13,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ir.graph import IR
-from passes.base import Context
-from passes.pipeline import PipelineResult
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context
+from fxsculpt.passes.pipeline import PipelineResult
 
 REPORT_VERSION = 1
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas.sample.checkpointing import SearchCheckpoint
-from nas.sample.encoding import SearchSpace
-from nas.sample.evaluator import CandidateEvaluator
-from nas.sample.rl import ControllerSettings, reinforce_search
-from passes.base import Context
-from passes.options import option
-from passes.sample_search import SampleSearchOptions, SampleSearchPass
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator
+from fxsculpt.nas.sample.rl import ControllerSettings, reinforce_search
+from fxsculpt.passes.base import Context
+from fxsculpt.passes.options import option
+from fxsculpt.passes.sample_search import SampleSearchOptions, SampleSearchPass
 
 
 @dataclass

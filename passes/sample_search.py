@@ -33,21 +33,21 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ir.errors import BadInputError
-from ir.graph import IR
-from nas.sample.checkpointing import SearchCheckpoint
-from nas.sample.encoding import Arch, SearchSpace, genotype_to_json
-from nas.sample.evaluator import (
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace, genotype_to_json
+from fxsculpt.nas.sample.evaluator import (
     Backend,
     CandidateEvaluator,
     ShortTrainingBackend,
     WeightSharingBackend,
     threads,
 )
-from nas.sample.workers import ScoringWorkers
-from passes.base import Context, Pass, TrainSettings
-from passes.options import option
-from training.checkpoint import pass_checkpointer
+from fxsculpt.nas.sample.workers import ScoringWorkers
+from fxsculpt.passes.base import Context, Pass, TrainSettings
+from fxsculpt.passes.options import option
+from fxsculpt.training.checkpoint import pass_checkpointer
 
 
 @dataclass
@@ -90,8 +90,8 @@ class SpaceShape:
 
 def space_of(ir: IR, channels: int = 0, layers: int = 0) -> SpaceShape:
     """Read nodes per cell, candidate ops, cells and channels from the IR's DARTS mixed ops."""
-    from nas.darts.mixed import MixedOp
-    from nas.darts.ops import PRIMITIVES
+    from fxsculpt.nas.darts.mixed import MixedOp
+    from fxsculpt.nas.darts.ops import PRIMITIVES
 
     edges = []
     names: set[str] = set()
@@ -122,7 +122,7 @@ def space_of(ir: IR, channels: int = 0, layers: int = 0) -> SpaceShape:
 
 def derived_network(shape: SpaceShape, arch: Arch) -> nn.Module:
     """The darts-eval network of ``arch``'s genotype at the searched size (no auxiliary head)."""
-    from nas.darts.network import EvalNetwork
+    from fxsculpt.nas.darts.network import EvalNetwork
 
     return EvalNetwork(
         shape.space.to_genotype(arch),
@@ -256,7 +256,7 @@ class SampleSearchPass(Pass):
             model = self.initial_network(shape, best.arch, ctx)
             epochs = ctx.train.epochs if opts.final_epochs < 0 else opts.final_epochs
             if epochs > 0:
-                from training.loop import train_model
+                from fxsculpt.training.loop import train_model
 
                 settings = TrainSettings(
                     epochs=epochs,

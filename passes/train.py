@@ -16,13 +16,13 @@ from typing import Literal
 
 import torch
 
-from ir.errors import BadInputError
-from ir.graph import IR
-from passes.base import Context, Pass
-from passes.options import option
-from training.checkpoint import pass_checkpointer
-from training.data import check_labels
-from training.loop import evaluate, torch_threads, train_model
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.options import option
+from fxsculpt.training.checkpoint import pass_checkpointer
+from fxsculpt.training.data import check_labels
+from fxsculpt.training.loop import evaluate, torch_threads, train_model
 
 
 @dataclass

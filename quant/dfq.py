@@ -52,11 +52,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ir.errors import BadInputError, RunFailedError
-from quant.modules import WeightQuantizer
-from training import distributed
-from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
-from training.frozen import frozen
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.quant.modules import WeightQuantizer
+from fxsculpt.training import distributed
+from fxsculpt.training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
+from fxsculpt.training.frozen import frozen
 
 
 def expected_size_bits(quantizers: Mapping[str, WeightQuantizer]) -> torch.Tensor:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from quant.modules import ActQuantizer, WeightQuantizer
-from quant.onnx_int4 import register_fake_kernels, translation_table
+from fxsculpt.quant.modules import ActQuantizer, WeightQuantizer
+from fxsculpt.quant.onnx_int4 import register_fake_kernels, translation_table
 
 #: Ops that show a layer runs on integer kernels in ONNX Runtime's optimized graph.
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "MatMulInteger", "QLinearMatMul", "ConvInteger")

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ir.graph import IR
-from quant.modules import WRAPPABLE, ActQuantizer, FloatBoundary, WeightQuantizer
+from fxsculpt.ir.graph import IR
+from fxsculpt.quant.modules import WRAPPABLE, ActQuantizer, FloatBoundary, WeightQuantizer
 
 RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 RELU_FUNCTIONS: tuple[Any, ...] = (F.relu, torch.relu, F.relu6)

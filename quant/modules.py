@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ir.constructs import Quantizer
-from quant import fake_quant as fq
+from fxsculpt.ir.constructs import Quantizer
+from fxsculpt.quant import fake_quant as fq
 
 #: Layers a :class:`WeightQuantizer` can wrap (weights with output channels on dim 0).
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -76,7 +76,7 @@ class ActQuantizer(Quantizer):
 
     def calibrate(self, method: str = "minmax", percentile: float = 99.99) -> float:
         """Stop observing and set the scale from the observed values; returns the threshold."""
-        from quant.calibrate import threshold
+        from fxsculpt.quant.calibrate import threshold
 
         self.observing = False
         if self.bits is None:
@@ -313,7 +313,7 @@ class WeightQuantizer(Quantizer):
     def _export_form(self, w: torch.Tensor) -> torch.Tensor:
         assert self.scale is not None
         if self.uses_int4():
-            from quant.onnx_int4 import fake_quant_int4
+            from fxsculpt.quant.onnx_int4 import fake_quant_int4
 
             return fake_quant_int4(w, self.scale, 0)
         # 8 bits, or narrower codes held in the int8 container: |code| <= 2^(b-1) <= 128.

@@ -40,7 +40,7 @@ def ray_runtime() -> Iterator[None]:
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'fxsculpt[distributed]')")
     import ray
 
-    from training import parallel
+    from fxsculpt.training import parallel
 
     if ray.is_initialized():
         ray.shutdown()

@@ -19,9 +19,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from nas.darts.mixed import MixedOp  # noqa: E402
-from nas.darts.search import SearchResult, SearchSettings, search  # noqa: E402
-from training import distributed  # noqa: E402
+from fxsculpt.nas.darts.mixed import MixedOp  # noqa: E402
+from fxsculpt.nas.darts.search import SearchResult, SearchSettings, search  # noqa: E402
+from fxsculpt.training import distributed  # noqa: E402
 
 #: Global batches of 10 over 2 ranks (5 + 5); 40 samples per split: 4 steps per epoch.
 SAMPLES, BATCH, EPOCHS = 40, 10, 2

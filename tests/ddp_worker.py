@@ -20,10 +20,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from passes.base import TrainSettings  # noqa: E402
-from training import distributed  # noqa: E402
-from training.checkpoint import Checkpointer  # noqa: E402
-from training.loop import train_model  # noqa: E402
+from fxsculpt.passes.base import TrainSettings  # noqa: E402
+from fxsculpt.training import distributed  # noqa: E402
+from fxsculpt.training.checkpoint import Checkpointer  # noqa: E402
+from fxsculpt.training.loop import train_model  # noqa: E402
 
 #: 110 samples in global batches of 25: shards of 13 and 12, and a last batch of 10 (5 + 5).
 SAMPLES, BATCH, EPOCHS, LR = 110, 25, 2, 0.1

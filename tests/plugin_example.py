@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from passes import Pass, option
+from fxsculpt.passes import Pass, option
 
 
 @dataclass

@@ -23,11 +23,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from ir.graph import IR  # noqa: E402
-from nas.dso.gating import gate_branches, gate_channels  # noqa: E402
-from nas.dso.search import SearchResult, SearchSettings, search, split_halves  # noqa: E402
-from training import distributed  # noqa: E402
-from training.checkpoint import Checkpointer  # noqa: E402
+from fxsculpt.ir.graph import IR  # noqa: E402
+from fxsculpt.nas.dso.gating import gate_branches, gate_channels  # noqa: E402
+from fxsculpt.nas.dso.search import SearchResult, SearchSettings, search, split_halves  # noqa: E402
+from fxsculpt.training import distributed  # noqa: E402
+from fxsculpt.training.checkpoint import Checkpointer  # noqa: E402
 
 #: 64 samples, halves of 32, global batches of 8 (4 + 4 over 2 ranks): 4 steps per epoch.
 SAMPLES, BATCH, EPOCHS = 64, 8, 3

@@ -19,10 +19,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from quant import dfq  # noqa: E402
-from quant.modules import WeightQuantizer  # noqa: E402
-from training import distributed  # noqa: E402
-from training.checkpoint import Checkpointer  # noqa: E402
+from fxsculpt.quant import dfq  # noqa: E402
+from fxsculpt.quant.modules import WeightQuantizer  # noqa: E402
+from fxsculpt.training import distributed  # noqa: E402
+from fxsculpt.training.checkpoint import Checkpointer  # noqa: E402
 
 #: Global batches of 10 over 2 ranks (5 + 5); 40 samples per split: 4 steps per epoch.
 SAMPLES, BATCH, EPOCHS = 40, 10, 2

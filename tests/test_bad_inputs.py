@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import cli
 from examples.models import ResidualNet
+from fxsculpt import cli
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError, RunFailedError
-from passes.base import Context, TrainSettings
-from training import checkpoint as ckpt_mod
-from training.checkpoint import (
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.training import checkpoint as ckpt_mod
+from fxsculpt.training.checkpoint import (
     Checkpointer,
     capture_rng,
     pass_checkpointer,
@@ -23,7 +23,7 @@ from training.checkpoint import (
     restore_training_state,
     training_state,
 )
-from training.loop import train_model
+from fxsculpt.training.loop import train_model
 
 
 def _toy_data(n: int = 80) -> TensorDataset:

@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import cli
 from examples.save_models import save_all
-from zoo import BuiltinSpec, build_builtin
+from fxsculpt import cli
+from fxsculpt.zoo import BuiltinSpec, build_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from nas.darts.architect import Architect, cross_entropy_loss, finite_difference_hvp
-from nas.darts.mixed import MixedOp
-from nas.darts.supernet import SearchNetwork
-from passes.darts import torch_threads
+from fxsculpt.nas.darts.architect import Architect, cross_entropy_loss, finite_difference_hvp
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.darts.supernet import SearchNetwork
+from fxsculpt.passes.darts import torch_threads
 
 
 @pytest.fixture(autouse=True)

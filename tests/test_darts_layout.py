@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.darts.mixed import grad_in_layout_of
-from nas.darts.ops import DilConv, Pool, SepConv, _MaxPoolFromInput, dilated_depthwise
-from nas.darts.search import SearchSettings, make_optimizers, weight_step
-from nas.darts.supernet import SearchNetwork
+from fxsculpt.nas.darts.mixed import grad_in_layout_of
+from fxsculpt.nas.darts.ops import DilConv, Pool, SepConv, _MaxPoolFromInput, dilated_depthwise
+from fxsculpt.nas.darts.search import SearchSettings, make_optimizers, weight_step
+from fxsculpt.nas.darts.supernet import SearchNetwork
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

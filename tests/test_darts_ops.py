@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from ir.graph import IR
-from nas.darts.discretize import genotype_of
-from nas.darts.genotype import DARTS_V2, derive_genotype, load_genotype
-from nas.darts.mixed import MixedOp
-from nas.darts.ops import PRIMITIVES, build_op
-from nas.darts.relax import candidates_for, connected_without
-from nas.darts.supernet import SearchNetwork
-from passes.darts import torch_threads
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.darts.discretize import genotype_of
+from fxsculpt.nas.darts.genotype import DARTS_V2, derive_genotype, load_genotype
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.darts.ops import PRIMITIVES, build_op
+from fxsculpt.nas.darts.relax import candidates_for, connected_without
+from fxsculpt.nas.darts.supernet import SearchNetwork
+from fxsculpt.passes.darts import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,7 @@ def test_supernet_genotype_uses_tied_alpha_softmax() -> None:
 
 
 def test_darts_eval_v2_parameter_count_matches_the_paper_code() -> None:
-    from ir.load import LoadOptions, load_ir
+    from fxsculpt.ir.load import LoadOptions, load_ir
 
     ir = load_ir(
         "builtin:darts-eval",
@@ -204,7 +204,7 @@ def test_darts_eval_v2_parameter_count_matches_the_paper_code() -> None:
 
 
 def test_darts_supernet_builtin_defaults() -> None:
-    from zoo import BuiltinSpec, build_builtin
+    from fxsculpt.zoo import BuiltinSpec, build_builtin
 
     net = build_builtin("darts-supernet", BuiltinSpec())
     assert isinstance(net, SearchNetwork)

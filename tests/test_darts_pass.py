@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from ir.constructs import Choice
-from ir.load import LoadOptions, load_ir
-from passes.base import Context, TrainSettings
-from passes.darts import torch_threads
-from passes.pipeline import Pipeline
+from fxsculpt.ir.constructs import Choice
+from fxsculpt.ir.load import LoadOptions, load_ir
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.darts import torch_threads
+from fxsculpt.passes.pipeline import Pipeline
 
 
 @pytest.fixture(autouse=True)
@@ -26,12 +26,12 @@ def one_thread():
 def test_darts_supernet_search_on_cifar_then_derived_network_trains_and_exports(
     cifar_npz: Path, tmp_path: Path
 ) -> None:
-    from nas.darts.augment import cutout
-    from nas.darts.genotype import load_genotype
-    from nas.darts.network import EvalNetwork
-    from passes.export import export_onnx, ort_session, run_onnx
-    from training.data import load_data
-    from zoo import BuiltinSpec, build_builtin
+    from fxsculpt.nas.darts.augment import cutout
+    from fxsculpt.nas.darts.genotype import load_genotype
+    from fxsculpt.nas.darts.network import EvalNetwork
+    from fxsculpt.passes.export import export_onnx, ort_session, run_onnx
+    from fxsculpt.training.data import load_data
+    from fxsculpt.zoo import BuiltinSpec, build_builtin
 
     torch.manual_seed(0)  # what cli.py does before building the model
     data = load_data(f"npz:{cifar_npz}", seed=0, val_fraction=0.1, limit=96)
@@ -102,7 +102,7 @@ def test_darts_supernet_search_on_cifar_then_derived_network_trains_and_exports(
     optimizer.step()
     assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
-    from ir.graph import IR
+    from fxsculpt.ir.graph import IR
 
     eval_ir = IR.from_module(net, (1, 3, 32, 32), 10)
     assert eval_ir.param_count() == sum(p.numel() for p in net.parameters()) - net.aux_parameter_count()
@@ -117,8 +117,8 @@ def test_darts_supernet_search_on_cifar_then_derived_network_trains_and_exports(
 
 
 def test_darts_without_data_is_a_clear_error(tmp_path: Path) -> None:
-    from ir.errors import BadInputError
-    from passes.darts import Darts
+    from fxsculpt.ir.errors import BadInputError
+    from fxsculpt.passes.darts import Darts
 
     ir = load_ir("builtin:resnet", LoadOptions(input_shape=(1, 3, 8, 8), num_classes=4))
     ctx = Context(out_dir=tmp_path, stage_dir=tmp_path / ".stage")
@@ -127,7 +127,7 @@ def test_darts_without_data_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cutout_zeroes_one_square_per_image() -> None:
-    from nas.darts.augment import cutout
+    from fxsculpt.nas.darts.augment import cutout
 
     x = torch.ones(4, 3, 32, 32)
     out = cutout(x, 16, torch.Generator().manual_seed(1))

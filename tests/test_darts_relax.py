@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.constructs import Choice
-from ir.graph import IR
-from nas.darts.discretize import discretize
-from nas.darts.mixed import MixedOp
-from nas.darts.relax import relax
-from nas.darts.search import SearchSettings, search
-from passes.darts import torch_threads
+from fxsculpt.ir.constructs import Choice
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.darts.discretize import discretize
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.darts.relax import relax
+from fxsculpt.nas.darts.search import SearchSettings, search
+from fxsculpt.passes.darts import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def _random_data(n: int, shape: tuple[int, ...], classes: int, seed: int) -> Ten
 
 
 def _search_discretize_export(ir: IR, classes: int, tmp_path) -> dict[str, str]:
-    from passes.export import export_onnx, ort_session, run_onnx
+    from fxsculpt.passes.export import export_onnx, ort_session, run_onnx
 
     shape = ir.input_shape[1:]
     alphas = list({id(a): a for a in ir.arch_parameters()}.values())
@@ -85,7 +85,7 @@ def _search_discretize_export(ir: IR, classes: int, tmp_path) -> dict[str, str]:
 
 
 def test_relax_search_discretize_resnet(tmp_path) -> None:
-    from ir.load import LoadOptions, load_ir
+    from fxsculpt.ir.load import LoadOptions, load_ir
 
     torch.manual_seed(0)
     ir = load_ir(

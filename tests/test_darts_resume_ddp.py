@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from nas.darts.search import SearchSettings, search
-from nas.darts.supernet import SearchNetwork
-from training.checkpoint import Checkpointer
+from fxsculpt.nas.darts.search import SearchSettings, search
+from fxsculpt.nas.darts.supernet import SearchNetwork
+from fxsculpt.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,7 +84,7 @@ def test_a_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     assert state["config"]["order"] == 2 and state["config"]["epochs"] == 3
     state["config"]["order"] = 1
     torch.save(state, next(folder.glob("ckpt-*.pt")))
-    from ir.errors import BadInputError
+    from fxsculpt.ir.errors import BadInputError
 
     with pytest.raises(BadInputError, match="order=1"):
         _search(folder, resume=True)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from ir.errors import BadInputError
-from training.data import DataSplits, check_labels, load_data
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.training.data import DataSplits, check_labels, load_data
 
 RNG = np.random.default_rng(7)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ir.graph import IR
-from passes import Context, Pipeline
-from passes.dce import eliminate_dead_code
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes import Context, Pipeline
+from fxsculpt.passes.dce import eliminate_dead_code
 
 
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.loop import train_model
+from fxsculpt.training.loop import train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError, RunFailedError
-from ir.graph import IR
-from passes import Context, Pipeline
-from passes import export as export_module
-from passes.export import Export, export_onnx
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes import Context, Pipeline
+from fxsculpt.passes import export as export_module
+from fxsculpt.passes.export import Export, export_onnx
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from ir.errors import RunFailedError
-from ir.graph import IR
-from passes import Context, Pipeline
-from passes import fold_bn as fold_module
-from passes.fold_bn import fold_batchnorms, fold_conv_bn
+from fxsculpt.ir.errors import RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes import Context, Pipeline
+from fxsculpt.passes import fold_bn as fold_module
+from fxsculpt.passes.fold_bn import fold_batchnorms, fold_conv_bn
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

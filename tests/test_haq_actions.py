@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.actions import BitLevels
 
 
 def formula(a: float, b_min: int, b_max: int) -> int:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant.haq.actions import BitLevels
-from quant.haq.cost import resolve_budget, size_cost
-from quant.haq.ddpg import DDPGConfig
-from quant.haq.enforce import enforce
-from quant.haq.search import Evaluation, greedy_policy, haq_search
-from quant.haq.state import LayerInfo, StateSpace
+from fxsculpt.quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.cost import resolve_budget, size_cost
+from fxsculpt.quant.haq.ddpg import DDPGConfig
+from fxsculpt.quant.haq.enforce import enforce
+from fxsculpt.quant.haq.search import Evaluation, greedy_policy, haq_search
+from fxsculpt.quant.haq.state import LayerInfo, StateSpace
 
 EPISODES = 100
 SEEDS = (0, 1, 2)

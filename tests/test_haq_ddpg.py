@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
-from quant.haq.ddpg import DDPGAgent, DDPGConfig, ReplayBuffer, soft_update, truncated_normal
+from fxsculpt.quant.haq.ddpg import DDPGAgent, DDPGConfig, ReplayBuffer, soft_update, truncated_normal
 
 
 def test_replay_buffer_keeps_the_newest_transitions() -> None:

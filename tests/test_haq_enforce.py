@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ir.errors import BudgetError
-from quant.haq.actions import BitLevels
-from quant.haq.cost import bitops_cost, resolve_budget, size_cost
-from quant.haq.enforce import enforce
+from fxsculpt.ir.errors import BudgetError
+from fxsculpt.quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.cost import bitops_cost, resolve_budget, size_cost
+from fxsculpt.quant.haq.enforce import enforce
 
 
 def test_lowering_order_last_layer_first_activation_before_weight() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ir.graph import IR
-from quant.haq.env import apply_policy
-from quant.insert import act_quantizers, insert_quantizers, layer_nodes
+from fxsculpt.ir.graph import IR
+from fxsculpt.quant.haq.env import apply_policy
+from fxsculpt.quant.insert import act_quantizers, insert_quantizers, layer_nodes
 
 
 class Block(nn.Module):

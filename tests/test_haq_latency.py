@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from hardware.layers import layer_groups
-from ir.graph import IR
-from quant.haq.actions import BitLevels
-from quant.haq.hardware_cost import latency_model, ort_cpu_canonical, undominated_levels
+from fxsculpt.hardware.layers import layer_groups
+from fxsculpt.ir.graph import IR
+from fxsculpt.quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.hardware_cost import latency_model, ort_cpu_canonical, undominated_levels
 
 OVERHEAD = 0.5
 
@@ -95,11 +95,11 @@ def test_exact_latency_matches_the_bitserial_model_of_the_final_ir(tmp_path) -> 
     """Residual adds run quantized only when their inputs agree: the exact cost sees that, as the target does."""
     import random
 
-    from hardware.bitserial import BitserialTarget
-    from hardware.latency_table import LatencyTable
-    from quant.haq.hardware_cost import ExactLatency
-    from quant.insert import insert_quantizers, layer_nodes
-    from zoo import BuiltinSpec, build_builtin
+    from fxsculpt.hardware.bitserial import BitserialTarget
+    from fxsculpt.hardware.latency_table import LatencyTable
+    from fxsculpt.quant.haq.hardware_cost import ExactLatency
+    from fxsculpt.quant.insert import insert_quantizers, layer_nodes
+    from fxsculpt.zoo import BuiltinSpec, build_builtin
 
     ir = IR.from_module(build_builtin("resnet", BuiltinSpec(in_channels=1, image_size=8)), (1, 1, 8, 8), 10)
     insert_quantizers(ir, {n.name: 8 for n in layer_nodes(ir)}, act_bits=8)

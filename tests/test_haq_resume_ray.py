@@ -27,20 +27,20 @@ import pytest
 import torch
 from torch import nn
 
-from ir.errors import BadInputError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from passes.quantize import Quantize
-from quant.haq.actions import BitLevels
-from quant.haq.checkpoint import HaqCheckpoint
-from quant.haq.cost import resolve_budget, size_cost
-from quant.haq.ddpg import DDPGConfig
-from quant.haq.search import Evaluation, SearchResult, haq_search
-from quant.haq.state import LayerInfo, StateSpace
-from training import parallel
-from training.checkpoint import Checkpointer
-from training.data import DataSplits, load_data
-from training.loop import train_model
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.quantize import Quantize
+from fxsculpt.quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.checkpoint import HaqCheckpoint
+from fxsculpt.quant.haq.cost import resolve_budget, size_cost
+from fxsculpt.quant.haq.ddpg import DDPGConfig
+from fxsculpt.quant.haq.search import Evaluation, SearchResult, haq_search
+from fxsculpt.quant.haq.state import LayerInfo, StateSpace
+from fxsculpt.training import parallel
+from fxsculpt.training.checkpoint import Checkpointer
+from fxsculpt.training.data import DataSplits, load_data
+from fxsculpt.training.loop import train_model
 
 
 class Interrupted(Exception):

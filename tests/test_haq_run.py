@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from quant.haq.options import HaqOptions
-from quant.haq.run import run_haq
-from quant.modules import WeightQuantizer
-from training.data import DataSplits, load_data
-from training.loop import train_model
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.quant.haq.options import HaqOptions
+from fxsculpt.quant.haq.run import run_haq
+from fxsculpt.quant.modules import WeightQuantizer
+from fxsculpt.training.data import DataSplits, load_data
+from fxsculpt.training.loop import train_model
 
 
 class _Forbidden(Dataset):
@@ -112,7 +112,7 @@ def test_latency_budget_below_the_measured_int8_model_is_impossible_on_ort_cpu(
 ) -> None:
     """1 µs is below any ONNX Runtime call (its per-call overhead alone is several µs): the budget is
     refused before the search, with the measured uniform-int8 file named as the cheapest policy."""
-    from hardware.budget import parse_budget
+    from fxsculpt.hardware.budget import parse_budget
 
     ir, data = trained
     ctx = _ctx(tmp_path, data, target="ort-cpu", budget=parse_budget("latency=1us"))

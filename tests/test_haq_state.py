@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from quant.haq.state import COLUMNS, LayerInfo, StateSpace, describe_layer, minmax_normalize
+from fxsculpt.quant.haq.state import COLUMNS, LayerInfo, StateSpace, describe_layer, minmax_normalize
 
 
 def test_describe_conv_linear_and_depthwise() -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ir.errors import BudgetError
-from quant.haq.actions import BitLevels, Bits
-from quant.haq.calibration import solve_scales
-from quant.haq.cost import BudgetSpec
-from quant.haq.hardware_cost import LatencyParts, int8_or_float
-from quant.haq.verify import verify_on_export
+from fxsculpt.ir.errors import BudgetError
+from fxsculpt.quant.haq.actions import BitLevels, Bits
+from fxsculpt.quant.haq.calibration import solve_scales
+from fxsculpt.quant.haq.cost import BudgetSpec
+from fxsculpt.quant.haq.hardware_cost import LatencyParts, int8_or_float
+from fxsculpt.quant.haq.verify import verify_on_export
 
 FP = None
 LEVELS = BitLevels(8, 8, with_float=True)  # ort-cpu after dominated levels are dropped: int8, float

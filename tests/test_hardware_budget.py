@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hardware.budget import Budget, parse_budget
-from ir.errors import BadInputError
+from fxsculpt.hardware.budget import Budget, parse_budget
+from fxsculpt.ir.errors import BadInputError
 
 
 def test_full_budget_from_the_issue() -> None:

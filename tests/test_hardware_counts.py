@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hardware.counts import count_model, peak_activation_bytes
-from ir.graph import IR
+from fxsculpt.hardware.counts import count_model, peak_activation_bytes
+from fxsculpt.ir.graph import IR
 
 
 def _small() -> IR:

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-import hardware.runtime as runtime
-from hardware.bitserial import BitserialTarget
-from hardware.latency_table import CACHE_ENV, LatencyTable, default_cache_dir, predict_model
-from hardware.layers import LayerSignature, layer_groups
-from hardware.ort_cpu import OrtCpuTarget
-from hardware.runtime import measurement_session
-from hardware.single_layer import build_single_layer
-from ir.constructs import Quantizer
-from ir.graph import IR
+import fxsculpt.hardware.runtime as runtime
+from fxsculpt.hardware.bitserial import BitserialTarget
+from fxsculpt.hardware.latency_table import CACHE_ENV, LatencyTable, default_cache_dir, predict_model
+from fxsculpt.hardware.layers import LayerSignature, layer_groups
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget
+from fxsculpt.hardware.runtime import measurement_session
+from fxsculpt.hardware.single_layer import build_single_layer
+from fxsculpt.ir.constructs import Quantizer
+from fxsculpt.ir.graph import IR
 
 CONV = LayerSignature(
     op="conv",
@@ -62,7 +62,7 @@ def test_thread_count_cpu_and_runtime_are_part_of_the_key(
     assert one.identity["onnxruntime"] == ort.__version__
     runtime.cpu_name.cache_clear()
     monkeypatch.setattr(runtime, "cpu_name", lambda: "Some Other CPU")
-    monkeypatch.setattr("hardware.ort_cpu.cpu_name", lambda: "Some Other CPU")
+    monkeypatch.setattr("fxsculpt.hardware.ort_cpu.cpu_name", lambda: "Some Other CPU")
     other = LatencyTable(_fast(1), tmp_path)
     assert other.path != one.path
     other.lookup(CONV)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import hardware.runtime as runtime
-from hardware.layers import layer_groups
-from hardware.ort_cpu import OrtCpuTarget
-from hardware.paired_prediction import paired_prediction
-from ir.graph import IR
-from passes.export import export_onnx
+import fxsculpt.hardware.runtime as runtime
+from fxsculpt.hardware.layers import layer_groups
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget
+from fxsculpt.hardware.paired_prediction import paired_prediction
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.export import export_onnx
 
 
 def _timing(ms: float) -> runtime.Timing:
@@ -92,7 +92,7 @@ def test_paired_prediction_on_the_runtime(tmp_path: Path) -> None:
 def test_haq_meter_times_its_files_in_interleaved_rounds(tmp_path: Path) -> None:
     """HAQ's meter asks the target for one interleaved timing of all files and keeps each file's
     median over the rounds: a recorded target answers with round medians 3, 1, 2 ms → 2 ms."""
-    from quant.haq.meter import PolicyMeter
+    from fxsculpt.quant.haq.meter import PolicyMeter
 
     asked: list[tuple[list[str], int]] = []
 

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hardware.budget import parse_budget
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from passes.base import Context
-from passes.hardware import Hardware, onnx_accuracy
-from passes.outputs import OutputFolder
-from passes.pipeline import Pipeline
-from training.data import DataSplits
+from fxsculpt.hardware.budget import parse_budget
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context
+from fxsculpt.passes.hardware import Hardware, onnx_accuracy
+from fxsculpt.passes.outputs import OutputFolder
+from fxsculpt.passes.pipeline import Pipeline
+from fxsculpt.training.data import DataSplits
 
 
 def _ir() -> IR:
@@ -120,7 +120,7 @@ def test_accuracy_drop_without_data_is_bad_input(tmp_path: Path) -> None:
 
 
 def test_onnx_accuracy_pads_a_fixed_batch(tmp_path: Path) -> None:
-    from passes.export import export_onnx
+    from fxsculpt.passes.export import export_onnx
 
     ir = _ir()
     path = tmp_path / "fixed.onnx"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from hardware.profile_cli import add_profile_arguments, run_profile
-from ir.errors import BadInputError
-from ir.graph import IR
-from passes.export import export_onnx
+from fxsculpt.hardware.profile_cli import add_profile_arguments, run_profile
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.export import export_onnx
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

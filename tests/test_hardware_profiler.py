@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from hardware.profiler import attach_latencies, profile_onnx
-from ir.graph import IR
-from passes.export import export_onnx
+from fxsculpt.hardware.profiler import attach_latencies, profile_onnx
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.export import export_onnx
 
 
 class Known(nn.Module):

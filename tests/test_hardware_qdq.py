@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from hardware.layers import layer_groups
-from hardware.qdq import kernel_plan
-from hardware.runtime import measurement_session
-from hardware.single_layer import CONVERSION_OPS, build_single_layer, conversion_signature
-from ir.graph import IR
-from passes.export import export_onnx
-from quant.export import export_settings
-from quant.haq.env import apply_policy
-from quant.insert import calibrate, freeze, insert_quantizers, layer_nodes
+from fxsculpt.hardware.layers import layer_groups
+from fxsculpt.hardware.qdq import kernel_plan
+from fxsculpt.hardware.runtime import measurement_session
+from fxsculpt.hardware.single_layer import CONVERSION_OPS, build_single_layer, conversion_signature
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.export import export_onnx
+from fxsculpt.quant.export import export_settings
+from fxsculpt.quant.haq.env import apply_policy
+from fxsculpt.quant.insert import calibrate, freeze, insert_quantizers, layer_nodes
 
 
 class Residual(nn.Module):

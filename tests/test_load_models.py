@@ -15,8 +15,8 @@ from torch import nn
 
 from examples.models import ConcatNet, ResidualNet, SqueezeExciteNet
 from examples.save_models import randomize_batch_norm
-from ir.errors import BadInputError
-from ir.load import LoadOptions, load_ir, pickled_globals
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.load import LoadOptions, load_ir, pickled_globals
 
 SHAPE = (1, 3, 32, 32)
 

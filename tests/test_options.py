@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from ir.errors import BadInputError
-from passes.options import build_options, describe_type, option, parse_value
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.passes.options import build_options, describe_type, option, parse_value
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from passes.outputs import OutputFolder, atomic_write_text
+from fxsculpt.passes.outputs import OutputFolder, atomic_write_text
 
 
 def test_publish_moves_staged_files_and_writes_reports(tmp_path):

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError
-from passes.base import TrainSettings
-from training import parallel
-from training.loop import evaluate, train_model
-from training.parallel import derive_seed, map_in_order
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.passes.base import TrainSettings
+from fxsculpt.training import parallel
+from fxsculpt.training.loop import evaluate, train_model
+from fxsculpt.training.parallel import derive_seed, map_in_order
 
 
 def draws(item: int) -> tuple[int, list[float], float, float, int]:

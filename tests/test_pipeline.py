@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ir.errors import BadInputError, BudgetError, RunFailedError
-from ir.graph import IR
-from passes import Context, Pass, PassRegistry, Pipeline
+from fxsculpt.ir.errors import BadInputError, BudgetError, RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes import Context, Pass, PassRegistry, Pipeline
 
 PLUGIN = Path(__file__).with_name("plugin_example.py")
 

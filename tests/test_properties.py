@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.gating import gate_branches, gate_channels
-from nas.dso.shrink import shrink
-from passes import Context, Pipeline
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.gating import gate_branches, gate_channels
+from fxsculpt.nas.dso.shrink import shrink
+from fxsculpt.passes import Context, Pipeline
 from tests.random_cnn import build, cnn_specs
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nas.dso.apg import APG, soft_threshold
+from fxsculpt.nas.dso.apg import APG, soft_threshold
 
 
 def test_soft_threshold_matches_hand_values():

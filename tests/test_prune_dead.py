@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ir.graph import IR
-from ir.verify import outputs_of
-from nas.dso.blocks import DSOBlock
-from nas.dso.dead import DeadGraph, apply_dead_structure, propagate_dead
-from nas.dso.shrink import shrink
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.verify import outputs_of
+from fxsculpt.nas.dso.blocks import DSOBlock
+from fxsculpt.nas.dso.dead import DeadGraph, apply_dead_structure, propagate_dead
+from fxsculpt.nas.dso.shrink import shrink
 
 
 def graph(edges: list[tuple[str, str]], scales: dict[str, float]) -> DeadGraph:

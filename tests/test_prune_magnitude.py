@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ir.graph import IR
-from nas.dso.blocks import DSOSupernet
-from nas.dso.magnitude import l1_filter_scores, magnitude_prune_to_macs
-from nas.dso.search import adaptive_gammas
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.blocks import DSOSupernet
+from fxsculpt.nas.dso.magnitude import l1_filter_scores, magnitude_prune_to_macs
+from fxsculpt.nas.dso.search import adaptive_gammas
 
 
 class TwoConv(nn.Module):
@@ -36,7 +36,7 @@ def two_conv_ir() -> IR:
 
 
 def test_filters_are_ranked_by_mean_absolute_weight_relative_to_their_layer():
-    from nas.dso.gating import gate_channels
+    from fxsculpt.nas.dso.gating import gate_channels
 
     ir = two_conv_ir()
     gate_channels(ir)

@@ -8,13 +8,13 @@ import onnx
 import pytest
 import torch
 
-from ir.constructs import Gate
-from ir.errors import BadInputError
-from ir.graph import IR
-from passes import Context, Pipeline
-from passes.base import TrainSettings
-from training.data import load_data
-from zoo import BuiltinSpec, build_builtin
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes import Context, Pipeline
+from fxsculpt.passes.base import TrainSettings
+from fxsculpt.training.data import load_data
+from fxsculpt.zoo import BuiltinSpec, build_builtin
 
 
 def make_ctx(tmp_path: Path, data, epochs: int = 1) -> Context:

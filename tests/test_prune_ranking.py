@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.gating import gate_branches, gate_channels
-from nas.dso.ranking import budget_steps, cut_scores, meet_macs_target, relative_scores
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.gating import gate_branches, gate_channels
+from fxsculpt.nas.dso.ranking import budget_steps, cut_scores, meet_macs_target, relative_scores
 from tests.prune_models import TwoConvBN
 
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ir.errors import BadInputError, RunFailedError
-from ir.graph import IR
-from nas.dso.search import search, split_halves
-from passes.base import Context, TrainSettings
-from passes.prune import Prune
-from training.checkpoint import Checkpointer
-from training.data import load_data
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.search import search, split_halves
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.prune import Prune
+from fxsculpt.training.checkpoint import Checkpointer
+from fxsculpt.training.data import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.apg import soft_threshold
-from nas.dso.gating import gate_channels
-from nas.dso.search import SearchSettings, search
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.apg import soft_threshold
+from fxsculpt.nas.dso.gating import gate_channels
+from fxsculpt.nas.dso.search import SearchSettings, search
+from fxsculpt.training.loop import make_loader
 from tests.prune_models import TwoConvBN
-from training.loop import make_loader
 
 
 def gated(seed: int = 0) -> IR:

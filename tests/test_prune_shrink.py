@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from ir.verify import outputs_of
-from nas.dso.dead import apply_dead_structure
-from nas.dso.gating import fold_gates, gate_branches, gate_channels
-from nas.dso.shrink import shrink
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.verify import outputs_of
+from fxsculpt.nas.dso.dead import apply_dead_structure
+from fxsculpt.nas.dso.gating import fold_gates, gate_branches, gate_channels
+from fxsculpt.nas.dso.shrink import shrink
 
 
 def cbr(cin: int, cout: int, stride: int = 1, groups: int = 1, k: int = 3) -> nn.Sequential:
@@ -187,7 +187,7 @@ def test_params_and_macs_after_pruning_equal_a_hand_count():
 
 
 def test_pruned_model_exports_to_onnx_and_matches_onnx_runtime(tmp_path):
-    from passes.export import export_onnx, ort_session, run_onnx
+    from fxsculpt.passes.export import export_onnx, ort_session, run_onnx
 
     ir = check_exact_shrink(ConcatDepthwiseNet(), (1, 3, 8, 8), seed=1)
     path = tmp_path / "pruned.onnx"

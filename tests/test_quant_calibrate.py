@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from quant import calibrate as cal
-from quant.insert import calibration_method
+from fxsculpt.quant import calibrate as cal
+from fxsculpt.quant.insert import calibration_method
 
 
 def test_minmax_is_the_largest_magnitude() -> None:

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from quant import dfq
-from quant.modules import WeightQuantizer
+from fxsculpt.quant import dfq
+from fxsculpt.quant.modules import WeightQuantizer
 
 
 def _searching(out_channels: int = 6, groups: int = 2, seed: int = 0) -> WeightQuantizer:

@@ -23,12 +23,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ir.errors import BadInputError, RunFailedError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from passes.quantize import Quantize
-from training.checkpoint import Checkpointer
-from training.data import load_data
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.quantize import Quantize
+from fxsculpt.training.checkpoint import Checkpointer
+from fxsculpt.training.data import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

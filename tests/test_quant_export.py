@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.graph import IR
-from quant import export as qe
-from quant import insert as qi
-from quant.modules import FloatBoundary, WeightQuantizer
-from training.loop import torch_threads
+from fxsculpt.ir.graph import IR
+from fxsculpt.quant import export as qe
+from fxsculpt.quant import insert as qi
+from fxsculpt.quant.modules import FloatBoundary, WeightQuantizer
+from fxsculpt.training.loop import torch_threads
 
 
 class TinyNet(nn.Module):

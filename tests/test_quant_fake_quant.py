@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant import fake_quant as fq
-from quant.modules import ActQuantizer, WeightQuantizer
+from fxsculpt.quant import fake_quant as fq
+from fxsculpt.quant.modules import ActQuantizer, WeightQuantizer
 
 BITS = list(range(2, 9))
 

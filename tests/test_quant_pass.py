@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from ir.errors import BadInputError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from passes.pipeline import Pipeline
-from passes.quantize import Quantize
-from quant import insert as qi
-from quant.modules import ActQuantizer, WeightQuantizer
-from training.data import load_data
-from training.loop import train_model
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.pipeline import Pipeline
+from fxsculpt.passes.quantize import Quantize
+from fxsculpt.quant import insert as qi
+from fxsculpt.quant.modules import ActQuantizer, WeightQuantizer
+from fxsculpt.training.data import load_data
+from fxsculpt.training.loop import train_model
 
 
 class DigitNet(nn.Module):
@@ -115,9 +115,9 @@ def test_keep_float_layer_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
     """keep_float on the first conv of a residual block: its input also feeds the shortcut (so it is
     quantized) and its output goes through ReLU to a quantizer. ONNX Runtime used to quantize that
     conv's float weights itself and fuse it: 9 QLinearConv of 9 convs, max |logit diff| 0.15."""
-    from quant import export as qe
-    from quant.modules import FloatBoundary
-    from zoo.resnet import SmallResNet
+    from fxsculpt.quant import export as qe
+    from fxsculpt.quant.modules import FloatBoundary
+    from fxsculpt.zoo.resnet import SmallResNet
 
     data = load_data("digits", seed=0)
     torch.manual_seed(0)

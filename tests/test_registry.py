@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ir.errors import BadInputError
-from passes import Pass, PassRegistry
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.passes import Pass, PassRegistry
 
 PLUGIN = Path(__file__).with_name("plugin_example.py")
 

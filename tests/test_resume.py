@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import cli
+from fxsculpt import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 4
@@ -139,9 +139,9 @@ POISONED_PLUGIN = '''
 
 import torch
 
-from passes import Pass
-from training.checkpoint import pass_checkpointer
-from training.loop import train_model
+from fxsculpt.passes import Pass
+from fxsculpt.training.checkpoint import pass_checkpointer
+from fxsculpt.training.loop import train_model
 
 
 class PoisonedTrain(Pass):

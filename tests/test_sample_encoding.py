@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from nas.darts.genotype import DARTS_V1, DARTS_V2, Genotype
-from nas.sample.encoding import SearchSpace, genotype_from_json, genotype_to_json
+from fxsculpt.nas.darts.genotype import DARTS_V1, DARTS_V2, Genotype
+from fxsculpt.nas.sample.encoding import SearchSpace, genotype_from_json, genotype_to_json
 
 SPACE = SearchSpace()
 

@@ -8,12 +8,12 @@ import random
 
 import torch
 
-from nas.sample.encoding import Arch, SearchSpace
-from nas.sample.evaluator import CandidateEvaluator, FunctionBackend, threads
-from nas.sample.evolution import regularized_evolution
-from nas.sample.nao import NAOModel, NAOSettings, nao_search, propose, train_nao
-from nas.sample.random_search import random_search
-from nas.sample.rl import Controller, reinforce_search
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator, FunctionBackend, threads
+from fxsculpt.nas.sample.evolution import regularized_evolution
+from fxsculpt.nas.sample.nao import NAOModel, NAOSettings, nao_search, propose, train_nao
+from fxsculpt.nas.sample.random_search import random_search
+from fxsculpt.nas.sample.rl import Controller, reinforce_search
 
 SMALL = SearchSpace(steps=2, ops=("skip_connect", "sep_conv_3x3", "max_pool_3x3"))
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError
-from ir.load import LoadOptions, load_ir
-from nas.darts.genotype import load_genotype
-from nas.darts.mixed import MixedOp
-from nas.sample.encoding import SearchSpace
-from passes.base import Context, TrainSettings
-from passes.pipeline import Pipeline
-from passes.registry import PassRegistry
-from training.data import load_data
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.load import LoadOptions, load_ir
+from fxsculpt.nas.darts.genotype import load_genotype
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.pipeline import Pipeline
+from fxsculpt.passes.registry import PassRegistry
+from fxsculpt.training.data import load_data
 
 TINY = {"channels": "2", "layers": "3", "nodes": "2"}
 FAST = {

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ir.load import LoadOptions, load_ir
-from passes.base import Context, TrainSettings
-from passes.pipeline import Pipeline
-from training import parallel
-from training.data import DataSplits, load_data
+from fxsculpt.ir.load import LoadOptions, load_ir
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.pipeline import Pipeline
+from fxsculpt.training import parallel
+from fxsculpt.training.data import DataSplits, load_data
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fxsculpt[distributed]')")
 

@@ -20,17 +20,17 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError
-from nas.sample.batches import BatchStream
-from nas.sample.checkpointing import SearchCheckpoint
-from nas.sample.encoding import SearchSpace
-from nas.sample.evaluator import CandidateEvaluator, WeightSharingBackend
-from nas.sample.evolution import regularized_evolution
-from nas.sample.nao import NAOSettings, nao_search
-from nas.sample.random_search import random_search
-from nas.sample.rl import ControllerSettings, reinforce_search
-from training.checkpoint import Checkpointer
-from training.loop import make_loader
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.nas.sample.batches import BatchStream
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator, WeightSharingBackend
+from fxsculpt.nas.sample.evolution import regularized_evolution
+from fxsculpt.nas.sample.nao import NAOSettings, nao_search
+from fxsculpt.nas.sample.random_search import random_search
+from fxsculpt.nas.sample.rl import ControllerSettings, reinforce_search
+from fxsculpt.training.checkpoint import Checkpointer
+from fxsculpt.training.loop import make_loader
 
 SPACE = SearchSpace(steps=2, ops=("skip_connect", "sep_conv_3x3", "max_pool_3x3"))
 BUDGET = 8

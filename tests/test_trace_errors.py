@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import examples.models as example_models
-from ir.errors import BadInputError
-from ir.load import LoadOptions, load_ir
-from ir.trace import trace_module
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.ir.load import LoadOptions, load_ir
+from fxsculpt.ir.trace import trace_module
 
 
 def _line_of(path: Path, needle: str) -> int:

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError, RunFailedError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from passes.pipeline import Pipeline
-from passes.train import TrainPass
-from training.data import load_data
-from training.loop import cosine_lr, evaluate, train_model
+from fxsculpt.ir.errors import BadInputError, RunFailedError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.passes.pipeline import Pipeline
+from fxsculpt.passes.train import TrainPass
+from fxsculpt.training.data import load_data
+from fxsculpt.training.loop import cosine_lr, evaluate, train_model
 
 
 def _toy_data(n: int = 96, seed: int = 0) -> TensorDataset:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from ir.graph import IR
-from ir.load import LoadOptions, load_ir
-from ir.trace import trace_module
-from zoo import BuiltinSpec, build_builtin
+from fxsculpt.ir.graph import IR
+from fxsculpt.ir.load import LoadOptions, load_ir
+from fxsculpt.ir.trace import trace_module
+from fxsculpt.zoo import BuiltinSpec, build_builtin
 
 
 def test_hand_counted_conv_linear_model() -> None:

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ir.errors import BadInputError, first_line
+from fxsculpt.ir.errors import BadInputError, first_line
 
 if TYPE_CHECKING:
-    from passes.base import Context
+    from fxsculpt.passes.base import Context
 
 #: Name of the checkpoint folder inside an output folder.
 CHECKPOINT_FOLDER = "checkpoints"
@@ -223,7 +223,7 @@ def training_state(
     masks) and ``extra`` (history, counters; tensors, dicts, lists and scalars only). Every rank
     must call it (it gathers the RNG states); only the main process's checkpointer writes.
     """
-    from training.distributed import gather_objects
+    from fxsculpt.training.distributed import gather_objects
 
     return {
         "modules": {name: module.state_dict() for name, module in modules.items()},
@@ -247,7 +247,7 @@ def restore_training_state(
     states continue exactly. A state that does not fit the modules or optimizers is a
     one-line :class:`BadInputError`.
     """
-    from training.distributed import rank
+    from fxsculpt.training.distributed import rank
 
     try:
         for name, module in modules.items():
@@ -293,7 +293,7 @@ def pass_checkpointer(ctx: Context, phase: str = "", *, keep: int = 2) -> Checkp
     pipeline), plus ``/<phase>`` when a pass trains in several phases (e.g. ``search`` and
     ``retrain``). Only the main process writes (see :mod:`training.distributed`).
     """
-    from training.distributed import is_main_process
+    from fxsculpt.training.distributed import is_main_process
 
     root = checkpoint_root(ctx)
     if root is None:
@@ -319,7 +319,7 @@ def record_run_settings(out_dir: Path, settings: Mapping[str, Any], resume: bool
     """
     import json
 
-    from training.distributed import is_main_process
+    from fxsculpt.training.distributed import is_main_process
 
     path = Path(out_dir) / CHECKPOINT_FOLDER / RUN_SETTINGS
     current = json.loads(json.dumps(dict(settings), default=str))  # the JSON view that is stored
@@ -336,7 +336,7 @@ def record_run_settings(out_dir: Path, settings: Mapping[str, Any], resume: bool
                 )
         return
     if is_main_process():
-        from passes.outputs import atomic_write_text
+        from fxsculpt.passes.outputs import atomic_write_text
 
         atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 

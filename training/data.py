@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ir.errors import BadInputError, first_line
+from fxsculpt.ir.errors import BadInputError, first_line
 
 CIFAR10_CLASSES = [
     "airplane",

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 logger = logging.getLogger("fxsculpt")
 

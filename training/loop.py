@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ir.errors import BadInputError, RunFailedError, first_line
-from passes.base import TrainSettings
-from training import distributed
-from training.checkpoint import Checkpointer, all_finite, capture_rng, restore_rng
+from fxsculpt.ir.errors import BadInputError, RunFailedError, first_line
+from fxsculpt.passes.base import TrainSettings
+from fxsculpt.training import distributed
+from fxsculpt.training.checkpoint import Checkpointer, all_finite, capture_rng, restore_rng
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ir.errors import BadInputError, first_line
+from fxsculpt.ir.errors import BadInputError, first_line
 
 T = TypeVar("T")
 R = TypeVar("R")

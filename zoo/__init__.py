@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 
 @dataclass
@@ -36,11 +36,11 @@ Builder = Callable[[BuiltinSpec], nn.Module]
 
 def builtin_models() -> dict[str, Builder]:
     """Every ``BUILTINS`` entry of every module in this package, by name."""
-    import zoo as package
+    import fxsculpt.zoo as package
 
     found: dict[str, Builder] = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"zoo.{info.name}")
+        module = importlib.import_module(f"fxsculpt.zoo.{info.name}")
         for name, builder in getattr(module, "BUILTINS", {}).items():
             if name in found:
                 raise RuntimeError(f"built-in model '{name}' is defined twice")

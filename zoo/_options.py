@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ir.errors import BadInputError
-from zoo import BuiltinSpec
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.zoo import BuiltinSpec
 
 
 def int_option(spec: BuiltinSpec, model: str, key: str, default: int, minimum: int = 1) -> int:

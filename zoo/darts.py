@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ir.errors import BadInputError
-from nas.darts.genotype import load_genotype
-from nas.darts.network import EvalNetwork
-from nas.darts.supernet import SearchNetwork
-from zoo import BuiltinSpec
-from zoo._options import check_known, check_spec, int_option
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.nas.darts.genotype import load_genotype
+from fxsculpt.nas.darts.network import EvalNetwork
+from fxsculpt.nas.darts.supernet import SearchNetwork
+from fxsculpt.zoo import BuiltinSpec
+from fxsculpt.zoo._options import check_known, check_spec, int_option
 
 
 def _float_option(spec: BuiltinSpec, model: str, key: str, default: float) -> float:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from nas.dso.blocks import DSOSupernet
-from zoo import BuiltinSpec
-from zoo._options import check_known, check_spec, int_option
+from fxsculpt.nas.dso.blocks import DSOSupernet
+from fxsculpt.zoo import BuiltinSpec
+from fxsculpt.zoo._options import check_known, check_spec, int_option
 
 
 def build_dso_supernet(spec: BuiltinSpec) -> nn.Module:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo import BuiltinSpec
-from zoo._options import check_known, check_spec, int_option
+from fxsculpt.zoo import BuiltinSpec
+from fxsculpt.zoo._options import check_known, check_spec, int_option
 
 #: (expansion t, output channels c, repeats n, first stride s), as in MobileNetV2 table 2 (t = 4 here).
 STAGES: tuple[tuple[int, int, int, int], ...] = (

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo import BuiltinSpec
-from zoo._options import check_known, check_spec, int_option
+from fxsculpt.zoo import BuiltinSpec
+from fxsculpt.zoo._options import check_known, check_spec, int_option
 
 
 class BasicBlock(nn.Module):

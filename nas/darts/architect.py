@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from training import distributed
-from training.frozen import frozen
+from fxsculpt.training import distributed
+from fxsculpt.training.frozen import frozen
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 

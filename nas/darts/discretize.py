@@ -15,11 +15,11 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-from ir.constructs import Choice
-from ir.graph import IR
-from nas.darts.genotype import Genotype, derive_genotype
-from nas.darts.mixed import EdgeInfo, MixedOp
-from nas.darts.relax import _set_submodule
+from fxsculpt.ir.constructs import Choice
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.darts.genotype import Genotype, derive_genotype
+from fxsculpt.nas.darts.mixed import EdgeInfo, MixedOp
+from fxsculpt.nas.darts.relax import _set_submodule
 
 
 def cell_alphas(ir: IR) -> dict[str, list[torch.Tensor]] | None:

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ir.errors import BadInputError
-from nas.darts.ops import PRIMITIVES
+from fxsculpt.ir.errors import BadInputError
+from fxsculpt.nas.darts.ops import PRIMITIVES
 
 
 class Genotype(NamedTuple):

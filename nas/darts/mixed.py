@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ir.constructs import Choice
-from nas.darts.ops import ReluFirst, is_nhwc
+from fxsculpt.ir.constructs import Choice
+from fxsculpt.nas.darts.ops import ReluFirst, is_nhwc
 
 
 class _GradInLayout(torch.autograd.Function):

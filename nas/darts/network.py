@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nas.darts.genotype import Genotype
-from nas.darts.ops import FactorizedReduce, ReLUConvBN, build_op
-from nas.darts.supernet import reduction_layers
+from fxsculpt.nas.darts.genotype import Genotype
+from fxsculpt.nas.darts.ops import FactorizedReduce, ReLUConvBN, build_op
+from fxsculpt.nas.darts.supernet import reduction_layers
 
 
 class DropPath(nn.Module):

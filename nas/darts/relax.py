@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from ir.constructs import SearchConstruct
-from ir.graph import IR
-from nas.darts.mixed import MixedOp
-from nas.darts.ops import PRIMITIVES, build_op
+from fxsculpt.ir.constructs import SearchConstruct
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.darts.mixed import MixedOp
+from fxsculpt.nas.darts.ops import PRIMITIVES, build_op
 
 
 def connected_without(graph: fx.Graph, removed: fx.Node) -> bool:

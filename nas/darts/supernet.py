@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nas.darts.mixed import EdgeInfo, MixedOp
-from nas.darts.ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, build_op
+from fxsculpt.nas.darts.mixed import EdgeInfo, MixedOp
+from fxsculpt.nas.darts.ops import PRIMITIVES, DilConv, FactorizedReduce, ReLUConvBN, build_op
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ir.constructs import Gate
+from fxsculpt.ir.constructs import Gate
 
 #: The four candidate ops of the paper's CIFAR search (section 4.1).
 OP_NAMES: tuple[str, ...] = ("sep_conv_3x3", "sep_conv_5x5", "max_pool_3x3", "avg_pool_3x3")

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ir.constructs import Gate
-from ir.graph import IR
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
 
 # -- op classification ---------------------------------------------------------------------
 

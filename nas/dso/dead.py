@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.channels import node_inputs
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.channels import node_inputs
 
 
 @dataclass

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.channels import analyze, node_inputs
-from nas.dso.shrink import rewire_all_but
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.channels import analyze, node_inputs
+from fxsculpt.nas.dso.shrink import rewire_all_but
 
 GATE_ROOT = "dso_gates"
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.gating import gate_channels
-from nas.dso.shrink import shrink
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.gating import gate_channels
+from fxsculpt.nas.dso.shrink import shrink
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def lambda_scores(ir: IR) -> list[FilterScore]:
 
 def prune_lowest(ir: IR, scores: list[FilterScore], count: int) -> IR:
     """A shrunk clone of ``ir`` with the ``count`` lowest-scored λ entries at zero."""
-    from nas.dso.dead import apply_dead_structure
+    from fxsculpt.nas.dso.dead import apply_dead_structure
 
     pruned = ir.clone()
     with torch.no_grad():

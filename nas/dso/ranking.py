@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.magnitude import FilterScore, bisect_prune, lambda_scores, protect_layers
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.magnitude import FilterScore, bisect_prune, lambda_scores, protect_layers
 
 CutScore = Literal["lambda", "relative"]
 

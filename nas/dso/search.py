@@ -31,15 +31,15 @@ from torch import fx, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from ir.constructs import Gate
-from ir.errors import BadInputError, RunFailedError, first_line
-from ir.graph import IR
-from nas.dso.apg import APG
-from nas.dso.dead import apply_dead_structure
-from nas.dso.ranking import CutScore, budget_steps, meet_macs_target
-from nas.dso.shrink import ShrinkReport, shrink
-from training import distributed
-from training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.errors import BadInputError, RunFailedError, first_line
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.apg import APG
+from fxsculpt.nas.dso.dead import apply_dead_structure
+from fxsculpt.nas.dso.ranking import CutScore, budget_steps, meet_macs_target
+from fxsculpt.nas.dso.shrink import ShrinkReport, shrink
+from fxsculpt.training import distributed
+from fxsculpt.training.checkpoint import Checkpointer, all_finite, restore_training_state, training_state
 
 
 def split_halves(dataset: Dataset[Any], generator: torch.Generator) -> tuple[Subset[Any], Subset[Any]]:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ir.constructs import Gate
-from ir.graph import IR
-from nas.dso.channels import ChannelAnalysis, analyze, fully_zero, node_inputs
+from fxsculpt.ir.constructs import Gate
+from fxsculpt.ir.graph import IR
+from fxsculpt.nas.dso.channels import ChannelAnalysis, analyze, fully_zero, node_inputs
 
 
 def zeros_batch(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

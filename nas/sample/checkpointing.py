@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ir.errors import BadInputError, first_line
-from nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.ir.errors import BadInputError, first_line
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
 
 if TYPE_CHECKING:
-    from nas.sample.evaluator import CandidateEvaluator
-    from training.checkpoint import Checkpointer
+    from fxsculpt.nas.sample.evaluator import CandidateEvaluator
+    from fxsculpt.training.checkpoint import Checkpointer
 
 #: The ``kind`` recorded in every sample-search checkpoint.
 KIND = "sample_search"
@@ -98,7 +98,7 @@ class SearchCheckpoint:
 
     def restore(self, evaluator: CandidateEvaluator, tracked: Tracked) -> dict[str, Any] | None:
         """Load the newest checkpoint into ``evaluator`` and ``tracked``; returns the method's state."""
-        from training.checkpoint import restore_training_state
+        from fxsculpt.training.checkpoint import restore_training_state
 
         if self.checkpointer is None:
             return None
@@ -134,7 +134,7 @@ class SearchCheckpoint:
 
     def save(self, evaluator: CandidateEvaluator, tracked: Tracked, method_state: Mapping[str, Any]) -> None:
         """Write the state at this boundary atomically (a no-op when checkpointing is off)."""
-        from training.checkpoint import training_state
+        from fxsculpt.training.checkpoint import training_state
 
         if self.checkpointer is None:
             return

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ir.errors import BadInputError
+from fxsculpt.ir.errors import BadInputError
 
 #: DARTS's candidate ops without ``none``: a derived DARTS cell never uses the zero op either.
 DEFAULT_OPS: tuple[str, ...] = (
@@ -282,7 +282,7 @@ def genotype_from_json(data: dict[str, Any]) -> Any:
 
 def _genotype_class() -> Any:
     try:
-        from nas.darts.genotype import Genotype
+        from fxsculpt.nas.darts.genotype import Genotype
 
         return Genotype
     except ImportError:

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from nas.sample.batches import BatchStream
-from nas.sample.checkpointing import random_state, set_random_state
-from nas.sample.encoding import Arch, SearchSpace
-from nas.sample.supernet import SinglePathSupernet
-from nas.sample.workers import Scorer, ScoringWorkers
+from fxsculpt.nas.sample.batches import BatchStream
+from fxsculpt.nas.sample.checkpointing import random_state, set_random_state
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.nas.sample.supernet import SinglePathSupernet
+from fxsculpt.nas.sample.workers import Scorer, ScoringWorkers
 
 #: What a method hands the weight-sharing trainer: a pool to sample from uniformly, or a sampler.
 PoolLike = Sequence[Arch] | Callable[[], Arch]
@@ -296,7 +296,7 @@ class WeightSharingBackend:
 
     def train_steps(self, steps: int, sample: Callable[[], Arch]) -> float:
         """``steps`` SGD steps, each on one minibatch through one sampled architecture; mean loss."""
-        from training.loop import cosine_lr
+        from fxsculpt.training.loop import cosine_lr
 
         self.supernet.train()
         total = 0.0
@@ -308,7 +308,7 @@ class WeightSharingBackend:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.supernet(x.to(self.device), arch), y.to(self.device))
             if not torch.isfinite(loss):
-                from ir.errors import RunFailedError
+                from fxsculpt.ir.errors import RunFailedError
 
                 raise RunFailedError(f"weight-sharing supernet training diverged (loss {float(loss)})")
             loss.backward()
@@ -437,8 +437,8 @@ class ShortTrainingBackend:
         return None
 
     def score(self, arch: Arch) -> float:
-        from passes.base import TrainSettings
-        from training.loop import evaluate, train_model
+        from fxsculpt.passes.base import TrainSettings
+        from fxsculpt.training.loop import evaluate, train_model
 
         salt = sum((i + 1) * t for i, t in enumerate(self.space.to_tokens(self.space.canonical(arch))))
         seed = (self.seed * 1_000_003 + salt) % 2**63  # the passes' seeds reach 2**62: keep it in range

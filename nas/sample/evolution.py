@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from nas.sample.checkpointing import SearchCheckpoint, Tracked
-from nas.sample.encoding import Arch, SearchSpace
-from nas.sample.evaluator import CandidateEvaluator
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint, Tracked
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.sample.checkpointing import SearchCheckpoint, Tracked, archs_from_tokens, archs_to_tokens
-from nas.sample.encoding import Arch, SearchSpace
-from nas.sample.evaluator import CandidateEvaluator, threads
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint, Tracked, archs_from_tokens, archs_to_tokens
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator, threads
 
 SOS = 0  # the start symbol, token 0 of the shared vocabulary
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import random
 
-from nas.sample.checkpointing import SearchCheckpoint, Tracked, archs_from_tokens, archs_to_tokens
-from nas.sample.encoding import SearchSpace
-from nas.sample.evaluator import CandidateEvaluator
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint, Tracked, archs_from_tokens, archs_to_tokens
+from fxsculpt.nas.sample.encoding import SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator
 
 
 def random_search(

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.sample.checkpointing import SearchCheckpoint, Tracked
-from nas.sample.encoding import Arch, SearchSpace
-from nas.sample.evaluator import CandidateEvaluator, threads
+from fxsculpt.nas.sample.checkpointing import SearchCheckpoint, Tracked
+from fxsculpt.nas.sample.encoding import Arch, SearchSpace
+from fxsculpt.nas.sample.evaluator import CandidateEvaluator, threads
 
 
 @dataclass

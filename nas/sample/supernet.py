@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas.darts.ops import FactorizedReduce, ReLUConvBN, build_op
-from nas.darts.supernet import reduction_layers
-from nas.sample.encoding import Arch, CellSpec, SearchSpace
+from fxsculpt.nas.darts.ops import FactorizedReduce, ReLUConvBN, build_op
+from fxsculpt.nas.darts.supernet import reduction_layers
+from fxsculpt.nas.sample.encoding import Arch, CellSpec, SearchSpace
 
 
 def make_op(name: str, channels: int, stride: int) -> nn.Module:

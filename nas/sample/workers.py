@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nas.sample.encoding import Arch
+from fxsculpt.nas.sample.encoding import Arch
 
 #: What a backend hands out: a pure, picklable function from an architecture to its score.
 Scorer = Callable[[Arch], float]
@@ -50,7 +50,7 @@ class ScoringWorkers:
         """``[scorer(a) for a in archs]`` in order; ``first_index`` is the first candidate's place in the run."""
         if not self.remote:
             return [float(scorer(arch)) for arch in archs]
-        from training.parallel import derive_seed, map_in_order
+        from fxsculpt.training.parallel import derive_seed, map_in_order
 
         scores = map_in_order(
             scorer,

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from quant.haq.hardware_cost import ExactLatency, LatencyParts
-from quant.haq.meter import PolicyMeter
+from fxsculpt.quant.haq.hardware_cost import ExactLatency, LatencyParts
+from fxsculpt.quant.haq.meter import PolicyMeter
 
 #: Scales outside this range mean a broken measurement, not a table that is off.
 SCALE_RANGE = (0.2, 5.0)

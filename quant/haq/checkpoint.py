@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ir.errors import BadInputError, first_line
-from quant.haq.ddpg import DDPGAgent
-from quant.haq.enforce import Policy
+from fxsculpt.ir.errors import BadInputError, first_line
+from fxsculpt.quant.haq.ddpg import DDPGAgent
+from fxsculpt.quant.haq.enforce import Policy
 
 if TYPE_CHECKING:
-    from quant.haq.search import EpisodeRecord
-    from training.checkpoint import Checkpointer
+    from fxsculpt.quant.haq.search import EpisodeRecord
+    from fxsculpt.training.checkpoint import Checkpointer
 
 #: The ``kind`` recorded in every HAQ search checkpoint.
 KIND = "haq_search"
@@ -152,7 +152,7 @@ class HaqCheckpoint:
         ``counts``: the look-up counts as they were when that episode was costed (later episodes
         of a batch may have been costed since); the current ones by default.
         """
-        from training.checkpoint import training_state
+        from fxsculpt.training.checkpoint import training_state
 
         if self.checkpointer is None:
             return
@@ -171,8 +171,8 @@ class HaqCheckpoint:
 
     def restore(self, agent: DDPGAgent) -> SearchProgress | None:
         """Load the newest checkpoint into ``agent`` (and the counters); None when there is none."""
-        from quant.haq.search import EpisodeRecord
-        from training.checkpoint import restore_training_state
+        from fxsculpt.quant.haq.search import EpisodeRecord
+        from fxsculpt.training.checkpoint import restore_training_state
 
         if self.checkpointer is None:
             return None

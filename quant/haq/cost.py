@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ir.errors import BadInputError, BudgetError
-from quant.haq.actions import BitLevels, Bits
-from quant.haq.enforce import lowest_policy
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.quant.haq.actions import BitLevels, Bits
+from fxsculpt.quant.haq.enforce import lowest_policy
 
 FLOAT_BITS = 32
 METRICS = ("latency", "size", "bitops")

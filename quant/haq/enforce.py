@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ir.errors import BudgetError
-from quant.haq.actions import BitLevels, Bits
+from fxsculpt.ir.errors import BudgetError
+from fxsculpt.quant.haq.actions import BitLevels, Bits
 
 #: One (weight bits, activation bits) pair per layer.
 Policy = list[tuple[Bits, Bits]]

@@ -20,14 +20,14 @@ import torch
 from torch import fx
 from torch.utils.data import Subset, TensorDataset
 
-from ir.graph import IR
-from passes.base import TrainSettings
-from quant.haq.actions import Bits
-from quant.haq.enforce import Policy
-from quant.haq.search import Evaluation
-from quant.insert import act_quantizers, input_quantizer, is_relu_like, set_bits
-from quant.modules import ActQuantizer
-from training.loop import evaluate, train_model
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import TrainSettings
+from fxsculpt.quant.haq.actions import Bits
+from fxsculpt.quant.haq.enforce import Policy
+from fxsculpt.quant.haq.search import Evaluation
+from fxsculpt.quant.insert import act_quantizers, input_quantizer, is_relu_like, set_bits
+from fxsculpt.quant.modules import ActQuantizer
+from fxsculpt.training.loop import evaluate, train_model
 
 #: Below this many bits an activation's clip threshold is chosen by ``low_bit_calibration``.
 LOW_BITS = 5
@@ -288,7 +288,7 @@ class EpisodeEvaluator:
     seed: int
 
     def __call__(self, item: tuple[int, Policy]) -> Evaluation:
-        from training.parallel import derive_seed, seeded_globals
+        from fxsculpt.training.parallel import derive_seed, seeded_globals
 
         episode, policy = item
         with seeded_globals(derive_seed(self.seed, episode)):

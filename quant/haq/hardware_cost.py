@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 from torch import fx, nn
 
-from ir.graph import IR
-from quant.haq.actions import BitLevels, Bits
-from quant.haq.cost import CostModel, bitops_cost, latency_cost, size_cost
-from quant.haq.state import LayerInfo
+from fxsculpt.ir.graph import IR
+from fxsculpt.quant.haq.actions import BitLevels, Bits
+from fxsculpt.quant.haq.cost import CostModel, bitops_cost, latency_cost, size_cost
+from fxsculpt.quant.haq.state import LayerInfo
 
 
 class LatencySource(Protocol):
@@ -66,7 +66,7 @@ def latency_model(
     signature to the one the target actually measures (on ort-cpu every non-int8 pair runs
     the float kernel), so equivalent pairs share one table entry.
     """
-    from hardware.layers import layer_groups
+    from fxsculpt.hardware.layers import layer_groups
 
     canon = canonical or (lambda sig: sig)
     overhead = float(table.overhead_ms())
@@ -158,9 +158,9 @@ class ExactLatency:
         return parts
 
     def _evaluate(self, policy: Sequence[tuple[Bits, Bits]]) -> LatencyParts:
-        from hardware.layers import layer_groups
-        from hardware.qdq import kernel_plan
-        from quant.haq.env import apply_policy
+        from fxsculpt.hardware.layers import layer_groups
+        from fxsculpt.hardware.qdq import kernel_plan
+        from fxsculpt.quant.haq.env import apply_policy
 
         apply_policy(self.q_ir, self.layers, list(policy))
         overhead = float(self.table.overhead_ms())
@@ -205,7 +205,7 @@ def int8_or_float(policy: Sequence[tuple[Bits, Bits]]) -> list[tuple[Bits, Bits]
 def ort_cpu_canonical(sig: Any) -> Any:
     """On ort-cpu a layer runs an integer kernel only at 8-bit weights and activations
     (:func:`hardware.single_layer.is_int8`); every other pair runs the float kernel."""
-    from hardware.single_layer import is_int8
+    from fxsculpt.hardware.single_layer import is_int8
 
     return sig if is_int8(sig) else sig.with_bits(None, None)
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from hardware.runtime import Timing
-from quant.haq.enforce import Policy
-from quant.haq.env import QuantizeEnv
-from quant.insert import freeze
+from fxsculpt.hardware.runtime import Timing
+from fxsculpt.quant.haq.enforce import Policy
+from fxsculpt.quant.haq.env import QuantizeEnv
+from fxsculpt.quant.insert import freeze
 
 
 class FileTimer(Protocol):
@@ -51,8 +51,8 @@ class PolicyMeter:
 
     def export(self, policy: Policy, name: str) -> Path:
         """``policy`` set and calibrated on the env's IR, a frozen copy exported to ``work_dir/name.onnx``."""
-        from passes.export import export_onnx
-        from quant.export import export_settings
+        from fxsculpt.passes.export import export_onnx
+        from fxsculpt.quant.export import export_settings
 
         if self.keep_weights:
             self.env.apply(policy)  # bits set on the weights as they are, scales calibrated

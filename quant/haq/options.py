@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from passes.options import option
+from fxsculpt.passes.options import option
 
 
 @dataclass

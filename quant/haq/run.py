@@ -50,17 +50,17 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from ir.errors import BadInputError, BudgetError
-from ir.graph import IR
-from passes.base import Context, TrainSettings
-from quant.haq.actions import BitLevels, Bits
-from quant.haq.calibration import Calibration, calibrate_latency
-from quant.haq.checkpoint import HaqCheckpoint
-from quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
-from quant.haq.ddpg import DDPGConfig
-from quant.haq.enforce import Policy
-from quant.haq.env import EnvSettings, EpisodeEvaluator, QuantizeEnv
-from quant.haq.hardware_cost import (
+from fxsculpt.ir.errors import BadInputError, BudgetError
+from fxsculpt.ir.graph import IR
+from fxsculpt.passes.base import Context, TrainSettings
+from fxsculpt.quant.haq.actions import BitLevels, Bits
+from fxsculpt.quant.haq.calibration import Calibration, calibrate_latency
+from fxsculpt.quant.haq.checkpoint import HaqCheckpoint
+from fxsculpt.quant.haq.cost import BudgetSpec, CostModel, resolve_budget, size_cost
+from fxsculpt.quant.haq.ddpg import DDPGConfig
+from fxsculpt.quant.haq.enforce import Policy
+from fxsculpt.quant.haq.env import EnvSettings, EpisodeEvaluator, QuantizeEnv
+from fxsculpt.quant.haq.hardware_cost import (
     ExactLatency,
     LatencySource,
     bitops_model,
@@ -70,9 +70,9 @@ from quant.haq.hardware_cost import (
     ort_cpu_canonical,
     undominated_levels,
 )
-from quant.haq.meter import PolicyMeter
-from quant.haq.options import HaqOptions
-from quant.haq.search import (
+from fxsculpt.quant.haq.meter import PolicyMeter
+from fxsculpt.quant.haq.options import HaqOptions
+from fxsculpt.quant.haq.search import (
     EpisodeRecord,
     Evaluation,
     SearchResult,
@@ -80,12 +80,12 @@ from quant.haq.search import (
     plot_curve,
     write_curve_json,
 )
-from quant.haq.state import LayerInfo, StateSpace, describe_layer
-from quant.haq.verify import Check, verify_on_export
-from quant.insert import freeze, insert_quantizers, layer_nodes
-from quant.modules import WeightQuantizer
-from training.checkpoint import Checkpointer, pass_checkpointer
-from training.loop import evaluate, train_model
+from fxsculpt.quant.haq.state import LayerInfo, StateSpace, describe_layer
+from fxsculpt.quant.haq.verify import Check, verify_on_export
+from fxsculpt.quant.insert import freeze, insert_quantizers, layer_nodes
+from fxsculpt.quant.modules import WeightQuantizer
+from fxsculpt.training.checkpoint import Checkpointer, pass_checkpointer
+from fxsculpt.training.loop import evaluate, train_model
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def kernel_numels(ir: IR) -> list[int]:
 
 def default_latency_table(target: str, threads: int) -> LatencySource:
     """The target's per-layer latency table, cached on disk (:mod:`hardware.latency_table`)."""
-    from hardware.latency_table import LatencyTable
-    from hardware.targets import get_target
+    from fxsculpt.hardware.latency_table import LatencyTable
+    from fxsculpt.hardware.targets import get_target
 
     return LatencyTable(get_target(target, threads))
 
@@ -218,7 +218,7 @@ class HaqSetup:
 
 def measured_target(ctx: Context) -> Any:
     """The target as a timer of whole files, or ``None`` when it is analytical."""
-    from hardware.targets import get_target
+    from fxsculpt.hardware.targets import get_target
 
     target = get_target(ctx.target, ctx.threads)
     return None if target.analytical else target
@@ -331,7 +331,7 @@ def run_haq(
 ) -> IR:
     """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
     if ctx.workers > 1:
-        from training.parallel import require_ray
+        from fxsculpt.training.parallel import require_ray
 
         require_ray()  # before any work: a one-line message when Ray is missing
     setup = prepare_haq(ir, ctx, opts, latency_table)
@@ -477,7 +477,7 @@ def episode_evaluator(
 
     def run(items: Sequence[tuple[int, Policy]]) -> list[Evaluation]:
         nonlocal remote
-        from training import parallel
+        from fxsculpt.training import parallel
 
         items = list(items)
         if ctx.workers > 1 and len(items) > 1:
@@ -576,7 +576,7 @@ def finalize_policy(env: QuantizeEnv, policy: Policy, ctx: Context, epochs: int,
 def _fold_batchnorms(ir: IR) -> None:
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ir.gm.modules()):
         return
-    from passes.fold_bn import fold_batchnorms
+    from fxsculpt.passes.fold_bn import fold_batchnorms
 
     fold_batchnorms(ir)
     ir.gm.recompile()

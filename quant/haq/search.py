@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from quant.haq.actions import BitLevels, Bits
-from quant.haq.checkpoint import Best, HaqCheckpoint, SearchProgress
-from quant.haq.cost import BudgetSpec, CostModel
-from quant.haq.ddpg import DDPGAgent, DDPGConfig
-from quant.haq.enforce import Policy, enforce
-from quant.haq.state import StateSpace
+from fxsculpt.quant.haq.actions import BitLevels, Bits
+from fxsculpt.quant.haq.checkpoint import Best, HaqCheckpoint, SearchProgress
+from fxsculpt.quant.haq.cost import BudgetSpec, CostModel
+from fxsculpt.quant.haq.ddpg import DDPGAgent, DDPGConfig
+from fxsculpt.quant.haq.enforce import Policy, enforce
+from fxsculpt.quant.haq.state import StateSpace
 
 REWARD_SCALE = 0.1
 

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ir.errors import BudgetError
-from quant.haq.actions import BitLevels
-from quant.haq.cost import BudgetSpec
-from quant.haq.enforce import Policy, enforce, lowest_policy
-from quant.haq.meter import PolicyMeter
+from fxsculpt.ir.errors import BudgetError
+from fxsculpt.quant.haq.actions import BitLevels
+from fxsculpt.quant.haq.cost import BudgetSpec
+from fxsculpt.quant.haq.enforce import Policy, enforce, lowest_policy
+from fxsculpt.quant.haq.meter import PolicyMeter
 
 
 @dataclass

@@ -1,0 +1,7 @@
+"""``python -m fxsculpt ...`` is the same program as ``python cli.py ...``."""
+
+import sys
+
+from fxsculpt.cli import main
+
+sys.exit(main())
