@@ -1,5 +1,6 @@
 # One-command set-up: `make demo` runs the main job, `make test` runs the suite.
-# Both create .venv on a fresh machine (with the Ray extra, so the Ray tests run in CI).
+# Both create .venv on a fresh machine (with the Ray and zoo extras, so the Ray and
+# third-party-model tests run in CI).
 # torch is installed first with its exact pin:
 # any looser request would pull the multi-gigabyte CUDA build onto a CPU-only machine.
 PYTHON ?= python3
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,distributed]"
+	$(PY) -m pip install --quiet -e ".[dev,distributed,zoo]"
 	touch $(STAMP)
 
 demo: $(STAMP)
