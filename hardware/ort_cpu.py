@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 from torch import nn
 
+from fxsculpt.hardware.int8_arithmetic import u8s8_saturates
 from fxsculpt.hardware.layers import LayerSignature
 from fxsculpt.hardware.runtime import (
     DEFAULT_MAX_SPREAD,
@@ -84,6 +85,9 @@ class OrtCpuTarget(Target):
             "clock": self.clock,
             "layer_repeats": self.layer_repeats,
         }
+
+    def int8_dot_saturates(self) -> bool:
+        return u8s8_saturates()
 
     def time_model(
         self,

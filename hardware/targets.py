@@ -63,6 +63,14 @@ class Target(ABC):
     def model_latency(self, ir: IR | None, onnx_path: Path | None, batch: int = 1) -> ModelLatency:
         """The whole model's latency at ``batch``; a measured target needs ``onnx_path``."""
 
+    def int8_dot_saturates(self) -> bool:
+        """Whether this target's int8 kernels add product pairs in saturating 16-bit arithmetic.
+
+        Where they do, 8-bit weights must keep to 7-bit codes for the file to compute what the
+        quantized model computes (:mod:`hardware.int8_arithmetic`). False unless a target says so.
+        """
+        return False
+
     def describe(self) -> dict[str, Any]:
         return {"target": self.name, "label": self.label, **self.identity()}
 

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from fxsculpt.hardware.int8_arithmetic import resolve_reduce_range
+from fxsculpt.hardware.targets import get_target
 from fxsculpt.ir.errors import BadInputError, BudgetError
 from fxsculpt.ir.graph import IR
 from fxsculpt.passes.base import Context, Pass, TrainSettings
@@ -47,6 +49,11 @@ class QuantizeOptions(HaqOptions):
     bits: int = option(8, "weight bit-width (2..8) of the uniform method")
     act_bits: int = option(8, "activation bit-width (2..8); sub-8-bit activations buy no speed on ORT CPU")
     first_last_bits: int = option(8, "bit-width of the first and last layer (0: treat them like the others)")
+    reduce_range: Literal["auto", "on", "off"] = option(
+        "auto",
+        "8-bit weights on 7-bit codes (±63), so int8 kernels that add product pairs in saturating 16 bits "
+        "(x86 without VNNI) compute exactly the quantized model; auto: where --target has such kernels",
+    )
     weight_granularity: Literal["channel", "tensor"] = option(
         "channel", "weight scales per output channel or per tensor"
     )
@@ -114,10 +121,11 @@ class Quantize(Pass):
 
     def run(self, ir: IR, ctx: Context) -> IR:
         opts: QuantizeOptions = self.options
+        reduce_range = resolve_reduce_range(opts.reduce_range, get_target(ctx.target, ctx.threads))
         if opts.method == "haq":
             from fxsculpt.quant.haq.run import run_haq
 
-            return run_haq(ir, ctx, opts)
+            return run_haq(ir, ctx, opts, reduce_range=reduce_range)
         if opts.method == "dfq" and ctx.data is None:
             raise BadInputError(
                 "quantize.method=dfq needs data (--data): it searches on the validation split"
@@ -146,6 +154,7 @@ class Quantize(Pass):
             per_channel=opts.weight_granularity == "channel",
             keep_float=keep,
             quantize_output=opts.quantize_output,
+            reduce_range=reduce_range,
         )
 
         history: list[dict[str, float]] = []
@@ -252,6 +261,7 @@ class Quantize(Pass):
             "float_size_kb": round(float_size_bits / 8 / 1024, 3),
             "compression": round(float_size_bits / max(size_bits, 1), 3),
             "act_bits": opts.act_bits,
+            "reduce_range": reduce_range,
             "layers": table,
         }
         if opts.method == "dfq":

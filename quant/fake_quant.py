@@ -45,14 +45,32 @@ def positive_levels(bits: int, signed: bool) -> int:
     return quant_range(bits, signed)[1]
 
 
-def weight_scale(weight: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
-    """Symmetric max-abs scale ``max|w| / (2^(b-1)-1)``, one per output channel (dim 0) or one in all.
+#: Largest 8-bit weight code with ``reduce_range``: 7-bit codes, see :mod:`hardware.int8_arithmetic`.
+REDUCED_8BIT_WEIGHT_LEVELS = 63
+
+
+def weight_levels(bits: int, reduce_range: bool = False) -> int:
+    """Largest code of a ``bits``-bit symmetric weight: ``2^(b-1)-1``, or 63 for 8 bits with ``reduce_range``.
+
+    Only 8-bit weights need the reduced range on CPUs whose int8 kernels add product pairs in
+    saturating 16 bits: below 8 bits the codes are at most ±64, and every pair of products with
+    a uint8 activation fits already (255·64·2 = 32640 ≤ 32767).
+    """
+    if reduce_range and bits == 8:
+        return REDUCED_8BIT_WEIGHT_LEVELS
+    return positive_levels(bits, signed=True)
+
+
+def weight_scale(
+    weight: torch.Tensor, bits: int, per_channel: bool = True, reduce_range: bool = False
+) -> torch.Tensor:
+    """Symmetric max-abs scale ``max|w| / levels`` (:func:`weight_levels`), one per output channel or one in all.
 
     Returned detached: the scale is a statistic of the weights, not a path for gradients (STE).
     """
     w = weight.detach()
     peak = w.abs().flatten(1).amax(dim=1) if per_channel else w.abs().amax().reshape(1)
-    return (peak / positive_levels(bits, signed=True)).clamp_min(EPS)
+    return (peak / weight_levels(bits, reduce_range)).clamp_min(EPS)
 
 
 def fake_quant_per_channel(

@@ -188,13 +188,16 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def _wrap(gm: fx.GraphModule, node: fx.Node, bits: int | None, per_channel: bool) -> WeightQuantizer:
+def _wrap(
+    gm: fx.GraphModule, node: fx.Node, bits: int | None, per_channel: bool, reduce_range: bool
+) -> WeightQuantizer:
     target = str(node.target)
     layer = gm.get_submodule(target)
     if isinstance(layer, WeightQuantizer):
         layer.bits = bits
+        layer.reduce_range = reduce_range
         return layer
-    wrapper = WeightQuantizer(layer, bits, per_channel)
+    wrapper = WeightQuantizer(layer, bits, per_channel, reduce_range)
     parent_name, _, leaf = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, leaf, wrapper)
@@ -208,6 +211,7 @@ def insert_quantizers(
     per_channel: bool = True,
     keep_float: Iterable[str] = (),
     quantize_output: bool = False,
+    reduce_range: bool = False,
 ) -> None:
     """Wrap every layer in ``weight_bits`` (node name → width or ``None``) and add activation nodes.
 
@@ -219,13 +223,16 @@ def insert_quantizers(
     near-tied predictions flip between PyTorch and the integer kernels (98.8% top-1 agreement
     measured on digits); without it the last layer runs as DequantizeLinear → Gemm on its int8
     weights, a negligible cost for a classifier head.
+
+    ``reduce_range`` gives 8-bit weights the codes ±63 (see :class:`WeightQuantizer`): needed on
+    targets whose int8 kernels saturate (:meth:`hardware.targets.Target.int8_dot_saturates`).
     """
     gm = ir.gm
     keep = set(keep_float)
     for node in layer_nodes(ir):
         if node.name in keep:
             continue
-        _wrap(gm, node, weight_bits.get(node.name), per_channel)
+        _wrap(gm, node, weight_bits.get(node.name), per_channel, reduce_range)
     if not act_quantizers(ir):
         for site in activation_sites(ir):
             users = list(site.node.users)

@@ -155,16 +155,22 @@ class WeightQuantizer(Quantizer):
     ``bits`` is the layer's width (``None``: float). ``group_bits`` (set by a per-group DFQ
     search) gives one width per contiguous group of output channels; ``bits`` is then their
     maximum. ``per_channel`` picks one scale per output channel (default) or one per tensor.
+    ``reduce_range`` keeps 8-bit weights to the codes ±63, so that int8 kernels that add product
+    pairs in saturating 16 bits (x86 without VNNI, :mod:`hardware.int8_arithmetic`) compute
+    exactly what this layer computes; the layer still stores 8 bits a weight.
     """
 
     role = "weight"
 
-    def __init__(self, layer: nn.Module, bits: int | None = 8, per_channel: bool = True) -> None:
+    def __init__(
+        self, layer: nn.Module, bits: int | None = 8, per_channel: bool = True, reduce_range: bool = False
+    ) -> None:
         if not isinstance(layer, WRAPPABLE):
             raise TypeError(f"cannot quantize the weights of {type(layer).__name__}")
         super().__init__(None if bits is None else fq.check_bits(bits))
         self.layer = layer
         self.per_channel = per_channel
+        self.reduce_range = reduce_range
         self.group_bits: list[int] | None = None
         self.candidates: tuple[int, ...] = ()
         self.bit_logits: nn.Parameter | None = None
@@ -231,7 +237,9 @@ class WeightQuantizer(Quantizer):
 
     # -- quantized weights ----------------------------------------------------------------
     def _quantize_at(self, w: torch.Tensor, bits: int) -> torch.Tensor:
-        return fq.fake_quant_per_channel(w, fq.weight_scale(w, bits, self.per_channel), bits)
+        return fq.fake_quant_per_channel(
+            w, fq.weight_scale(w, bits, self.per_channel, self.reduce_range), bits
+        )
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with (differentiable in w by STE and in α)."""
@@ -270,7 +278,9 @@ class WeightQuantizer(Quantizer):
         peak = (
             w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().amax().expand(self.out_channels)
         )
-        levels = torch.tensor([fq.positive_levels(b, True) for b in bits], dtype=w.dtype, device=w.device)
+        levels = torch.tensor(
+            [fq.weight_levels(b, self.reduce_range) for b in bits], dtype=w.dtype, device=w.device
+        )
         return (peak / levels).clamp_min(fq.EPS)
 
     def freeze(self, input_scale: float | None = None) -> None:
@@ -362,6 +372,7 @@ class WeightQuantizer(Quantizer):
             "bits": self.bits,
             "group_bits": self.group_bits,
             "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
             "frozen": self.frozen,
             "candidates": self.candidates,
         }
@@ -369,8 +380,10 @@ class WeightQuantizer(Quantizer):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bits, self.group_bits = state["bits"], state["group_bits"]
         self.per_channel, self.frozen = state["per_channel"], state["frozen"]
+        self.reduce_range = bool(state.get("reduce_range", False))
         self.candidates = tuple(state["candidates"])
 
     def extra_repr(self) -> str:
         bits = self.group_bits if self.group_bits is not None else self.bits
-        return f"bits={bits}, per_channel={self.per_channel}, frozen={self.frozen}"
+        reduced = ", reduce_range=True" if self.reduce_range else ""
+        return f"bits={bits}, per_channel={self.per_channel}{reduced}, frozen={self.frozen}"

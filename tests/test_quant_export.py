@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fxsculpt.hardware.int8_arithmetic import u8s8_saturates
 from fxsculpt.ir.graph import IR
 from fxsculpt.quant import export as qe
 from fxsculpt.quant import insert as qi
@@ -87,10 +88,25 @@ def _quantized(model: nn.Module, train: TensorDataset, bits: dict[str, int | Non
     # A traced IR shares its parameters with ``model`` and freezing writes them, so quantize a copy:
     # otherwise each test would quantize what the tests before it left behind.
     ir = IR.from_module(copy.deepcopy(model), (1, 3, 32, 32), 10)
-    qi.insert_quantizers(ir, bits, act_bits=8, quantize_output=True)  # the fc runs as QGemm
+    # the fc runs as QGemm; 7-bit weight codes where this CPU's int8 kernels saturate (see
+    # test_8bit_parity_needs_reduced_range_where_kernels_saturate for what happens without them)
+    qi.insert_quantizers(ir, bits, act_bits=8, quantize_output=True, reduce_range=u8s8_saturates())
     qi.calibrate(ir, [train.tensors[0][i : i + 128] for i in range(0, 512, 128)])
     qi.freeze(ir)
     return ir
+
+
+@pytest.mark.skipif(not u8s8_saturates(), reason="this CPU's int8 kernels accumulate in 32 bits (VNNI)")
+def test_8bit_parity_needs_reduced_range_where_kernels_saturate(trained, tmp_path: Path) -> None:
+    """On a CPU without VNNI, full-range 8-bit weights make ONNX Runtime compute another model."""
+    model, train, test = trained
+    ir = IR.from_module(copy.deepcopy(model), (1, 3, 32, 32), 10)
+    qi.insert_quantizers(ir, {"conv1": 8, "conv2": 8, "conv3": 8, "fc": 8}, act_bits=8, quantize_output=True)
+    qi.calibrate(ir, [train.tensors[0][i : i + 128] for i in range(0, 512, 128)])
+    qi.freeze(ir)
+    path = qe.export_quantized(ir.gm, test[:2], tmp_path / "int8-full-range.onnx")
+    result = qe.parity(ir.gm, path, [test[i : i + 100] for i in range(0, len(test), 100)])
+    assert result["agreement"] < 0.99  # measured 77.9% on an AVX2-only EPYC
 
 
 def test_8bit_export_runs_on_integer_kernels_with_parity(trained, tmp_path: Path) -> None:
@@ -159,7 +175,9 @@ def test_keep_float_leaves_the_layer_in_float(trained, tmp_path: Path) -> None:
     model, train, test = trained
     ir = IR.from_module(copy.deepcopy(model), (1, 3, 32, 32), 10)
     keep = qi.resolve_layer_names(ir, ["conv3"])
-    qi.insert_quantizers(ir, {"conv1": 8, "conv2": 8, "fc": 8}, keep_float=keep)
+    qi.insert_quantizers(
+        ir, {"conv1": 8, "conv2": 8, "fc": 8}, keep_float=keep, reduce_range=u8s8_saturates()
+    )
     assert isinstance(ir.gm.get_submodule("conv3"), nn.Conv2d)
     assert not isinstance(ir.gm.get_submodule("conv3"), WeightQuantizer)
     node = next(n for n in ir.gm.graph.nodes if n.name == "conv3")
@@ -258,7 +276,7 @@ def test_a_dead_channel_keeps_its_bias_in_onnx_runtime(tmp_path: Path) -> None:
         model.conv.weight[0] = 0.0
         model.conv.bias[0] = 0.5
     ir = IR.from_module(model, (1, 3, 8, 8), 5)
-    qi.insert_quantizers(ir, {"conv": 8, "fc": 8}, act_bits=8)
+    qi.insert_quantizers(ir, {"conv": 8, "fc": 8}, act_bits=8, reduce_range=u8s8_saturates())
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     qi.calibrate(ir, [x])
     qi.freeze(ir)
@@ -267,7 +285,14 @@ def test_a_dead_channel_keeps_its_bias_in_onnx_runtime(tmp_path: Path) -> None:
     sess = qe.session(path)
     with torch.no_grad():
         expected = ir.gm(x).numpy()
-    np.testing.assert_allclose(qe.run_session(sess, x), expected, rtol=0, atol=1e-4)
+    diff = np.abs(qe.run_session(sess, x) - expected)
+    # The overflowing bias moved every output (39% agreement). What may remain is a rounding tie:
+    # an fc input code that PyTorch's float conv and ONNX Runtime's integer requantization round
+    # to neighbouring codes, which moves one sample's outputs by one step × the fc weight.
+    fc_input = next(m for m in qi.act_quantizers(ir).values() if not m.signed)
+    one_code = float(fc_input.scale) * float(ir.gm.get_submodule("fc").layer.weight.abs().max())
+    assert diff.max() <= one_code * 1.001
+    assert int((diff > 1e-4).any(axis=1).sum()) <= 1
 
 
 def test_a_float_layer_that_reads_a_quantized_activation_stays_float_in_onnx_runtime(

@@ -225,7 +225,11 @@ def measured_target(ctx: Context) -> Any:
 
 
 def prepare_haq(
-    ir: IR, ctx: Context, opts: HaqOptions, latency_table: LatencySource | None = None
+    ir: IR,
+    ctx: Context,
+    opts: HaqOptions,
+    latency_table: LatencySource | None = None,
+    reduce_range: bool = False,
 ) -> HaqSetup:
     """Check options, fold BatchNorm, insert 8-bit quantizers, build state, cost table and budget."""
     if ctx.data is None:
@@ -249,7 +253,7 @@ def prepare_haq(
     float_ir = ir.clone()
     _fold_batchnorms(float_ir)  # integer kernels run conv+BN as one conv: search what will be exported
     q_ir = float_ir.clone()
-    insert_quantizers(q_ir, {n.name: 8 for n in layer_nodes(q_ir)}, act_bits=8)
+    insert_quantizers(q_ir, {n.name: 8 for n in layer_nodes(q_ir)}, act_bits=8, reduce_range=reduce_range)
     layers = layer_nodes(q_ir)
     infos = layer_infos(q_ir)
     states = StateSpace(infos, two_steps=metric != "size")
@@ -328,13 +332,17 @@ def run_haq(
     opts: HaqOptions,
     latency_table: LatencySource | None = None,
     on_episode: Callable[[EpisodeRecord], None] | None = None,
+    reduce_range: bool = False,
 ) -> IR:
-    """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched)."""
+    """Search, fine-tune and freeze; returns the quantized IR (the input IR is left untouched).
+
+    ``reduce_range`` keeps 8-bit weights to 7-bit codes (see :func:`quant.insert.insert_quantizers`).
+    """
     if ctx.workers > 1:
         from fxsculpt.training.parallel import require_ray
 
         require_ray()  # before any work: a one-line message when Ray is missing
-    setup = prepare_haq(ir, ctx, opts, latency_table)
+    setup = prepare_haq(ir, ctx, opts, latency_table, reduce_range)
     try:
         return _search_and_finalize(setup, ctx, opts, on_episode)
     finally:
