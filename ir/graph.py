@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxsculpt.ir.canonical import canonicalize
 from fxsculpt.ir.constructs import ARCH_PARAM_NAMES, SearchConstruct
 from fxsculpt.ir.errors import BadInputError, first_line
 
@@ -194,9 +195,14 @@ class IR:
         source: str = "",
         leaf_modules: Iterable[str] = (),
     ) -> IR:
-        """Trace ``module`` and propagate metadata (raises the raw fx error if untraceable)."""
+        """Trace ``module``, put it in canonical form (:mod:`ir.canonical`) and propagate metadata.
+
+        Raises the raw fx error if untraceable.
+        """
         ir = cls(trace(module, leaf_modules), input_shape, num_classes, source)
         ir.propagate()
+        if canonicalize(ir.gm):
+            ir.propagate()
         return ir
 
     def clone(self) -> IR:

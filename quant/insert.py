@@ -55,8 +55,29 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.Dropout,
 )
-PASS_THROUGH_FUNCTIONS: tuple[Any, ...] = (torch.flatten, torch.reshape, F.max_pool2d, F.dropout)
-PASS_THROUGH_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze")
+PASS_THROUGH_FUNCTIONS: tuple[Any, ...] = (
+    torch.flatten,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.chunk,
+    torch.split,
+    operator.getitem,
+    F.max_pool2d,
+    F.dropout,
+)
+PASS_THROUGH_METHODS = (
+    "flatten",
+    "view",
+    "reshape",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "permute",
+    "chunk",
+    "split",
+)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -138,10 +159,59 @@ class Site:
     signed: bool
 
 
-def activation_sites(ir: IR) -> list[Site]:
-    """The nodes whose outputs get an activation quantizer (see the module docstring)."""
-    gm = ir.gm
+CONCAT_FUNCTIONS: tuple[Any, ...] = (torch.cat, torch.concat)
+#: Modules that are the identity at inference: looked through when asking who consumes a value.
+TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
+
+
+def is_concat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in CONCAT_FUNCTIONS
+
+
+def is_avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(_module(gm, node), AVG_POOLS) or (
+        node.op == "call_function" and node.target in (F.avg_pool2d, F.adaptive_avg_pool2d)
+    )
+
+
+def consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The users of ``node``'s value, looking through identity modules (timm's ``drop``, ``aa``, …)."""
+    found: list[fx.Node] = []
+    for user in node.users:
+        if isinstance(_module(gm, user), TRANSPARENT_MODULES):
+            found.extend(consumers(gm, user))
+        else:
+            found.append(user)
+    return found
+
+
+def nonnegative_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose output is never negative: ReLU-like ops, and adds, concats, average pools and
+    pass-through ops of such values (their quantizers are unsigned)."""
     nonneg: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if is_relu_like(gm, node):
+            nonneg.add(node)
+        elif is_add(node) or is_concat(node):
+            if inputs and all(a in nonneg for a in inputs):
+                nonneg.add(node)
+        elif (is_avg_pool(gm, node) or is_pass_through(gm, node)) and inputs and inputs[0] in nonneg:
+            nonneg.add(node)
+    return nonneg
+
+
+def activation_sites(ir: IR) -> list[Site]:
+    """The nodes whose outputs get an activation quantizer (see the module docstring).
+
+    After the model input: every conv/linear output (unless a ReLU-like op is its only consumer,
+    which is quantized instead, so the pair fuses), every ReLU-like op, add, concatenation and
+    average pool. Layers whose input is still not quantized after these (it comes from an op with
+    no integer kernel: a sigmoid gate, a hard-swish, a channel shuffle) get one more in
+    :func:`insert_quantizers`, so that every quantized layer runs on an integer kernel.
+    """
+    gm = ir.gm
+    nonneg = nonnegative_nodes(gm)
     sites: list[Site] = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if placeholders:
@@ -150,32 +220,14 @@ def activation_sites(ir: IR) -> list[Site]:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         module = _module(gm, node)
-        users = list(node.users)
-        only_relu = len(users) == 1 and is_relu_like(gm, users[0])
-        inputs = [a for a in node.all_input_nodes]
         if isinstance(module, ActQuantizer):
             continue
-        if is_relu_like(gm, node):
-            nonneg.add(node)
-            sites.append(Site(node, signed=False))
-        elif isinstance(module, (WeightQuantizer, *WRAPPABLE)):
-            if not only_relu:
-                sites.append(Site(node, signed=True))
-        elif is_add(node):
-            both = bool(inputs) and all(a in nonneg for a in inputs)
-            if both:
-                nonneg.add(node)
-            if not only_relu:
-                sites.append(Site(node, signed=not both))
-        elif isinstance(module, AVG_POOLS) or (
-            node.op == "call_function" and node.target in (F.avg_pool2d, F.adaptive_avg_pool2d)
-        ):
-            positive = bool(inputs) and inputs[0] in nonneg
-            if positive:
-                nonneg.add(node)
-            sites.append(Site(node, signed=not positive))
-        elif is_pass_through(gm, node) and inputs and inputs[0] in nonneg:
-            nonneg.add(node)
+        users = consumers(gm, node)
+        only_relu = len(users) == 1 and is_relu_like(gm, users[0])
+        always = is_relu_like(gm, node) or is_avg_pool(gm, node)
+        unless_relu = isinstance(module, (WeightQuantizer, *WRAPPABLE)) or is_add(node) or is_concat(node)
+        if always or (unless_relu and not only_relu):
+            sites.append(Site(node, signed=node not in nonneg))
     return sites
 
 
@@ -249,10 +301,38 @@ def insert_quantizers(
             with gm.graph.inserting_after(anchor):
                 new = gm.graph.call_module(name, (site.node,))
             site.node.replace_all_uses_with(new, delete_user_cb=_not(new))
+        _quantize_layer_inputs(ir, act_bits, keep)
     gm.graph.lint()
     gm.recompile()
     ir.propagate()
     update_meta(ir)
+
+
+def _quantize_layer_inputs(ir: IR, act_bits: int | None, keep: set[str]) -> None:
+    """An activation quantizer in front of every quantized layer whose input is still float.
+
+    Its input then comes from an op without an integer kernel of its own (sigmoid gates, hard-swish,
+    GELU, a channel shuffle's transpose): quantizing that value lets ONNX Runtime run the layer
+    itself on its integer kernel instead of on dequantized weights.
+    """
+    gm = ir.gm
+    nonneg = nonnegative_nodes(gm)
+    for node in layer_nodes(ir):
+        if node.name in keep or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        feed = node.args[0]
+        if _quantizer_of(ir, feed) is not None or feed.op == "placeholder":
+            continue
+        name = _free_name(gm, f"{feed.name}_aq")
+        gm.add_submodule(name, ActQuantizer(act_bits, signed=feed not in nonneg))
+        with gm.graph.inserting_after(feed):
+            new = gm.graph.call_module(name, (feed,))
+        feed.replace_all_uses_with(new, delete_user_cb=_not_output(new))
+
+
+def _not_output(excluded: fx.Node) -> Callable[[fx.Node], bool]:
+    """Like :func:`_not`, and the model's output keeps the float value (the logits stay float)."""
+    return lambda user: user is not excluded and user.op != "output"
 
 
 def _not(excluded: fx.Node) -> Callable[[fx.Node], bool]:
