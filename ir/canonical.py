@@ -105,7 +105,9 @@ def functional_batch_norms_to_modules(gm: fx.GraphModule) -> int:
         args = _batch_norm_args(node)
         if args is None:
             continue
-        x, stats = args["input"], [args[k] for k in ("running_mean", "running_var", "weight", "bias")]
+        x = args["input"]
+        assert isinstance(x, fx.Node)  # checked by _batch_norm_args
+        stats = [args[k] for k in ("running_mean", "running_var", "weight", "bias")]
         owners = {_attr_owner(gm, s) for s in stats if s is not None}
         if None in owners or len({o[0] for o in owners if o is not None}) != 1:
             continue
@@ -117,9 +119,11 @@ def functional_batch_norms_to_modules(gm: fx.GraphModule) -> int:
         if cls is None:
             continue
         tensors = {k: _fetch(gm, args[k]) for k in ("running_mean", "running_var", "weight", "bias")}
+        mean, eps = tensors["running_mean"], args["eps"]
+        assert mean is not None and isinstance(eps, float | int)
         module = cls(
-            int(tensors["running_mean"].numel()),
-            eps=float(args["eps"]),
+            int(mean.numel()),
+            eps=float(eps),
             momentum=getattr(owner, "momentum", 0.1),
             affine=tensors["weight"] is not None,
         )
@@ -128,8 +132,9 @@ def functional_batch_norms_to_modules(gm: fx.GraphModule) -> int:
                 setattr(module, k, tensors[k])  # the same Parameter: training either updates both
         module.running_mean = tensors["running_mean"]
         module.running_var = tensors["running_var"]
-        if hasattr(owner, "num_batches_tracked"):
-            module.num_batches_tracked = owner.num_batches_tracked
+        tracked = getattr(owner, "num_batches_tracked", None)
+        if isinstance(tracked, torch.Tensor):
+            module.num_batches_tracked = tracked
         module.train(owner.training)
         name = _free_child(owner, "bn")
         owner.add_module(name, module)
