@@ -14,6 +14,13 @@ into the module-level form every pass speaks, without changing what the graph co
   ``getattr``/comparison nodes that fed only them: the input shape is fixed when the IR is built
   and verified by shape propagation, and the extra users would hide a conv's single consumer
   from the passes that look for conv → BN → ReLU chains.
+- **aten calls.** A model loaded through ``torch.export`` (a ``.pt2`` file, or the fallback for
+  models torch.fx cannot trace) is lifted to modules for its layers (:mod:`ir.lift`), but its
+  activations, adds, pools and reshapes stay ``aten`` overloads. Those whose ``torch`` function
+  takes the same arguments in the same order become that function (``aten.relu.default`` →
+  ``torch.relu``), so passes that recognise ``torch``-level ops find them in either form. An
+  in-place overload (``aten.add_``) becomes the out-of-place function only when nothing reads the
+  overwritten tensor afterwards, so the value every node sees is unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ def canonicalize(gm: fx.GraphModule) -> list[str]:
     modules = functional_batch_norms_to_modules(gm)
     if modules:
         done.append(f"{modules} functional batch norm(s) became BatchNorm modules")
+    calls = aten_calls_to_torch(gm)
+    if calls:
+        done.append(f"{calls} aten call(s) became torch functions")
     if done:
         gm.graph.lint()
         gm.recompile()
@@ -148,6 +158,72 @@ def functional_batch_norms_to_modules(gm: fx.GraphModule) -> int:
         _erase_dead(gm.graph, [n for n in inputs if n is not x])
         count += 1
     return count
+
+
+aten = torch.ops.aten
+#: aten overloads → the torch function taking the same positional arguments (checked one by one
+#: against the aten schema: ``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)``).
+ATEN_TO_TORCH: dict[object, object] = {
+    aten.relu.default: torch.relu,
+    aten.relu_.default: torch.relu,
+    aten.add.Tensor: operator.add,
+    aten.add_.Tensor: operator.add,
+    aten.mul.Tensor: operator.mul,
+    aten.mul_.Tensor: operator.mul,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.hardswish.default: F.hardswish,
+    aten.hardswish_.default: F.hardswish,
+    aten.hardsigmoid.default: F.hardsigmoid,
+    aten.hardtanh.default: F.hardtanh,
+    aten.hardtanh_.default: F.hardtanh,
+    aten.gelu.default: F.gelu,
+    aten.silu.default: F.silu,
+    aten.silu_.default: F.silu,
+    aten.cat.default: torch.cat,
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.avg_pool2d.default: F.avg_pool2d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.mean.dim: torch.mean,
+    aten.flatten.using_ints: torch.flatten,
+    aten.view.default: torch.reshape,
+    aten.reshape.default: torch.reshape,
+    aten.transpose.int: torch.transpose,
+    aten.permute.default: torch.permute,
+    aten.dropout.default: F.dropout,
+    aten.dropout_.default: F.dropout,
+    aten.pad.default: F.pad,
+}
+_IN_PLACE = {aten.relu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.hardswish_.default}
+_IN_PLACE |= {aten.hardtanh_.default, aten.silu_.default, aten.dropout_.default}
+
+
+def aten_calls_to_torch(gm: fx.GraphModule) -> int:
+    """Replace the aten overloads of :data:`ATEN_TO_TORCH` by their torch functions; returns how many.
+
+    ``aten.add.Tensor`` with an ``alpha`` is left alone (``operator.add`` has none), and so is an
+    in-place overload whose overwritten input is read after it.
+    """
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    count = 0
+    for node in list(gm.graph.nodes):
+        target = ATEN_TO_TORCH.get(node.target) if node.op == "call_function" else None
+        if target is None:
+            continue
+        if target in (operator.add, operator.mul) and (node.kwargs or len(node.args) != 2):
+            continue  # alpha, or an out= form
+        if node.target in _IN_PLACE and _read_after(node, order):
+            continue
+        node.target = target
+        count += 1
+    return count
+
+
+def _read_after(node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether the tensor ``node`` overwrites (its first argument) has users after ``node``."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return True
+    return any(order[user] > order[node] for user in first.users if user is not node)
 
 
 _BN_PARAMS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

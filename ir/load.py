@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsculpt.ir.canonical import canonicalize
 from fxsculpt.ir.errors import BadInputError, first_line
+from fxsculpt.ir.fallback import export_graph
 from fxsculpt.ir.graph import IR
 from fxsculpt.ir.lift import lift_exported
 from fxsculpt.ir.trace import trace_module
@@ -84,6 +86,8 @@ def load_ir(source: str, options: LoadOptions | None = None) -> IR:
     ir.source = source
     ir.gm.eval()
     ir.propagate()
+    if canonicalize(ir.gm):
+        ir.propagate()
     out_shape = ir.output_shape()
     inferred = int(out_shape[-1]) if out_shape is not None and len(out_shape) == 2 else None
     if options.num_classes is not None:
@@ -131,8 +135,19 @@ def _load_builtin(name: str, options: LoadOptions) -> IR:
 
 
 def _ir_from_module(module: nn.Module, input_shape: tuple[int, ...], options: LoadOptions, source: str) -> IR:
+    """Trace with torch.fx; where fx cannot, export with ``torch.export`` (:mod:`ir.fallback`).
+
+    Only when both fail is the model refused: with fx's line (it names the user's code) and
+    export's reason.
+    """
     module.eval()
-    gm = trace_module(module, options.leaf_modules)
+    try:
+        gm = trace_module(module, options.leaf_modules)
+    except BadInputError as fx_error:
+        try:
+            gm = export_graph(module, input_shape)
+        except BadInputError as export_error:
+            raise BadInputError(f"{fx_error}; {export_error}") from fx_error
     return IR(gm, input_shape, options.num_classes, source)
 
 

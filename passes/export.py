@@ -40,6 +40,7 @@ from fxsculpt.ir.graph import IR
 from fxsculpt.ir.verify import outputs_of
 from fxsculpt.passes.base import Context, Pass
 from fxsculpt.passes.options import option
+from fxsculpt.quant.onnx_weights import store_integer_weights
 
 NATIVE_OPSET = 18
 MAX_OPSET = 23
@@ -148,6 +149,7 @@ def export_onnx(
                     line += " (the model fixes its batch size: set export.dynamic_batch=false)"
                 raise RunFailedError(f"ONNX export failed: {line}") from exc
         if single_file:
+            store_integer_weights(tmp)  # int8 weights as int8 in the file (quant.onnx_weights)
             os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

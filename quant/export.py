@@ -20,6 +20,7 @@ from torch import fx
 
 from fxsculpt.quant.modules import ActQuantizer, WeightQuantizer
 from fxsculpt.quant.onnx_int4 import register_fake_kernels, translation_table
+from fxsculpt.quant.onnx_weights import store_integer_weights
 
 #: Ops that show a layer runs on integer kernels in ONNX Runtime's optimized graph.
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "MatMulInteger", "QLinearMatMul", "ConvInteger")
@@ -60,6 +61,7 @@ def export_quantized(
             torch.onnx.export(gm, (example,), str(path), verbose=False, **kwargs)
     finally:
         gm.train(was_training)
+    store_integer_weights(path)
     return path
 
 
