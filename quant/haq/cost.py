@@ -14,6 +14,7 @@ impossible and says so (exit code 3).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,8 +76,9 @@ def build_table(
 
 
 def size_cost(params: Sequence[int], levels: BitLevels, other_params: int = 0) -> CostModel:
-    """Model size in bytes: each layer's parameters at its weight bits, the rest in float32."""
-    table = build_table(len(params), levels, lambda i, w, _a: params[i] * as_bits(w) / 8.0)
+    """Model size in bytes: each layer's kernel packed at its weight bits (``ceil(n·b/8)``, as
+    :mod:`hardware.counts` counts the exported model), the rest in float32."""
+    table = build_table(len(params), levels, lambda i, w, _a: math.ceil(params[i] * as_bits(w) / 8))
     return CostModel("size", table, fixed=other_params * FLOAT_BITS / 8.0)
 
 
