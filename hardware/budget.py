@@ -11,13 +11,18 @@ Any subset of the five constraints, comma-separated ``KEY=VALUE``. Units:
   (``1%``: the exported model may be at most one point less accurate than the model given).
 
 Every malformed entry raises :class:`~ir.errors.BadInputError` with a one-line message.
+
+A pass may add a limit of its own (:meth:`Budget.with_limit`): ``quantize.latency_ratio=1.5``
+resolves to an absolute latency on the target and becomes a constraint like ``--budget``'s,
+checked by the hardware pass on the exported file. Where two sources limit one key, the
+tighter wins, and each checked :class:`Constraint` names its source and every candidate.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fxsculpt.ir.errors import BadInputError
@@ -46,18 +51,53 @@ KEYS = {
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-zµμ%]*)\s*$")
 
 
+#: The source of a limit written in ``--budget``.
+CLI_SOURCE = "--budget"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One candidate limit of a budget key and where it came from.
+
+    ``source`` is ``"--budget"`` or the option that produced it (``"quantize.latency_ratio=1.5"``);
+    ``detail`` says how a derived limit was resolved (``"1.5 x uniform 8-bit 0.41 ms, measured"``).
+    """
+
+    value: float
+    source: str = CLI_SOURCE
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"limit": self.value, "source": self.source}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """One checked budget entry: its limit, what was measured and whether it was met."""
+    """One checked budget entry: its limit, what was measured, whether it was met, and the source
+    of the limit (the tightest of ``candidates`` when several sources limit the same key)."""
 
     name: str
     limit: float
     measured: float | None
     met: bool
     unit: str
+    source: str = CLI_SOURCE
+    candidates: tuple[Limit, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"limit": self.limit, "measured": self.measured, "met": self.met, "unit": self.unit}
+        out: dict[str, Any] = {
+            "limit": self.limit,
+            "measured": self.measured,
+            "met": self.met,
+            "unit": self.unit,
+            "source": self.source,
+        }
+        if len(self.candidates) > 1 or any(c.detail for c in self.candidates):
+            out["candidates"] = [c.as_dict() for c in self.candidates]
+        return out
 
 
 @dataclass
@@ -70,9 +110,11 @@ class Budget:
     params: float | None = None
     accuracy_drop: float | None = None
     text: str = ""
+    #: Limits added by passes (:meth:`with_limit`), by budget key; the fields above are ``--budget``'s.
+    derived: dict[str, tuple[Limit, ...]] = field(default_factory=dict)
 
-    def limits(self) -> dict[str, float]:
-        """The constraints that were given, by budget key."""
+    def given(self) -> dict[str, float]:
+        """The limits written in ``--budget``, by budget key."""
         values = {
             "latency": self.latency_ms,
             "size": self.size_bytes,
@@ -82,8 +124,29 @@ class Budget:
         }
         return {k: v for k, v in values.items() if v is not None}
 
+    def candidates(self, key: str) -> list[Limit]:
+        """Every limit on ``key``: ``--budget``'s first, then those passes added."""
+        given = self.given()
+        out = [Limit(given[key])] if key in given else []
+        return out + list(self.derived.get(key, ()))
+
+    def limits(self) -> dict[str, float]:
+        """The effective constraints, by budget key: the tightest candidate of each."""
+        keys = [k for k in KEYS if self.candidates(k)]
+        return {k: min(c.value for c in self.candidates(k)) for k in keys}
+
+    def with_limit(self, key: str, value: float, source: str, detail: str = "") -> Budget:
+        """A copy of this budget with one more limit on ``key`` (the tighter of all applies)."""
+        if key not in KEYS:
+            raise ValueError(f"unknown budget key {key!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"a {key} limit must be a positive number, got {value}")
+        derived = dict(self.derived)
+        derived[key] = (*derived.get(key, ()), Limit(float(value), source, detail))
+        return replace(self, derived=derived)
+
     def check(self, measured: dict[str, float | None]) -> list[Constraint]:
-        """Compare ``measured`` (same keys and units as :meth:`limits`) with every given limit.
+        """Compare ``measured`` (same keys and units as :meth:`limits`) with every effective limit.
 
         A constraint whose measurement is missing (``None``) is reported as not met.
         """
@@ -91,7 +154,9 @@ class Budget:
         for key, limit in self.limits().items():
             value = measured.get(key)
             met = value is not None and value <= limit
-            results.append(Constraint(key, limit, value, met, KEYS[key][0]))
+            candidates = tuple(self.candidates(key))
+            tightest = min(candidates, key=lambda c: c.value)  # the first on a tie: --budget
+            results.append(Constraint(key, limit, value, met, KEYS[key][0], tightest.source, candidates))
         return results
 
 

@@ -41,8 +41,9 @@ class TrainSettings:
 class Context:
     """Everything a pass may use besides the IR; no pass reads global state.
 
-    ``budget`` is the parsed ``--budget`` (the hardware issue's ``Budget``), ``target`` the
-    hardware target's name. ``stage_dir`` is a private folder inside the output folder
+    ``budget`` is the parsed ``--budget`` (the hardware issue's ``Budget``), to which a pass may
+    add limits it resolves (``quantize.latency_ratio``: :meth:`hardware.budget.Budget.with_limit`);
+    ``target`` the hardware target's name. ``stage_dir`` is a private folder inside the output folder
     whose files are published (renamed into place) only when the whole run succeeds.
     """
 
@@ -63,6 +64,10 @@ class Context:
     #: Test accuracy of the model as given, before any pass (set by the pipeline when data is given);
     #: the hardware pass checks ``accuracy_drop`` budgets against it.
     accuracy_before: float | None = None
+    #: The float reference of the before/after comparison (set by the pipeline): the model after
+    #: the leading passes that only train it or keep its function (``train``, ``fold_bn``, ``dce``),
+    #: just before the first pass that compresses or searches (or before export).
+    reference_ir: IR | None = None
     #: Where passes keep checkpoints (``OUT/checkpoints``; see :mod:`training.checkpoint`); None: off.
     checkpoint_dir: Path | None = None
     #: The output folder of an interrupted run to continue (``--resume OUT``): passes resume from
@@ -100,6 +105,8 @@ class Pass:
     """Base class of every pass: subclass, set ``name`` and ``Options``, implement ``run``.
 
     ``preserves_semantics`` asks the pipeline to check outputs before and after numerically.
+    ``refines_float`` marks a pass that changes the weights but neither the architecture nor the
+    precision (``train``): the float reference of the before/after comparison is taken after it.
     ``placement`` is ``"user"`` for ordinary passes; ``"export"`` and ``"check"`` passes are
     moved after the user's passes (export, then checks), whatever order they were named in.
     """
@@ -107,6 +114,7 @@ class Pass:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     preserves_semantics: ClassVar[bool] = False
+    refines_float: ClassVar[bool] = False
     placement: ClassVar[Placement] = "user"
 
     def __init__(self, options: Any = None, **overrides: Any) -> None:

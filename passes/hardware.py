@@ -8,6 +8,11 @@ IR nodes (:mod:`hardware.profiler`), counts parameters, MACs, BitOps and packed 
 final IR (:mod:`hardware.counts`) and, for ``accuracy_drop``, evaluates the ONNX model on
 the test split with ONNX Runtime.
 
+With ``compare`` (the default) it also exports and measures the float reference the pipeline
+kept (:mod:`passes.comparison`), the same way, for the report's before/after table. The
+budget is ``--budget`` plus any limit a pass resolved (``quantize.latency_ratio``, ...), each
+constraint naming its source.
+
 A model over budget is never left as ``model.onnx``: the staged file is renamed
 ``model.over-budget.onnx``, the per-layer table of where the time and bytes go is logged and
 put in the ``hardware`` section, and :class:`~ir.errors.BudgetError` (exit code 3) names the
@@ -33,6 +38,7 @@ from fxsculpt.hardware.targets import ModelLatency, Target, get_target
 from fxsculpt.ir.errors import BadInputError, BudgetError
 from fxsculpt.ir.graph import IR
 from fxsculpt.passes.base import Context, Pass
+from fxsculpt.passes.comparison import comparison_section, measure_reference, measured_column
 from fxsculpt.passes.options import option
 
 OVER_BUDGET_NAME = "model.over-budget.onnx"
@@ -44,6 +50,11 @@ class HardwareOptions:
     max_seconds: float = option(2.0, "time cap of the whole-model latency measurement, seconds")
     max_spread: float = option(1.5, "p90/median above this flags the latency as too noisy to trust")
     per_layer: bool = option(True, "profile per layer (ort-cpu) and report where the time goes")
+    compare: bool = option(
+        True,
+        "also export and measure the float reference (the model after train/fold_bn/dce) the same way, "
+        "for the report's before/after table (report.json 'comparison')",
+    )
     clock: Literal["auto", "cpu", "wall"] = option(
         "auto",
         "ort-cpu latency clock: 'cpu' (thread CPU time, robust on a busy machine), 'wall', or 'auto' (cpu at 1 thread)",
@@ -195,10 +206,13 @@ class Hardware(Pass):
         if budget is not None and budget.accuracy_drop is not None:
             self._check_accuracy_inputs(ctx)  # before spending seconds on measurements
         staged = ctx.artifacts.get("model.onnx")
+        compare = opts.compare and ctx.reference_ir is not None
+        compare_accuracy = compare and ctx.data is not None and ir.num_classes is not None
         with tempfile.TemporaryDirectory(prefix="fxsculpt-hardware-") as tmp:
             onnx_path = staged if staged is not None and staged.exists() else None
             exported_here = False
-            if onnx_path is None and (not target.analytical or (budget and budget.accuracy_drop is not None)):
+            needs_file = (budget is not None and budget.accuracy_drop is not None) or compare_accuracy
+            if onnx_path is None and (not target.analytical or needs_file):
                 onnx_path = Path(tmp) / "model.onnx"
                 _export_for_measurement(ir, onnx_path, ctx.seed)
                 exported_here = True
@@ -214,6 +228,23 @@ class Hardware(Pass):
             if budget is not None and budget.accuracy_drop is not None:
                 assert onnx_path is not None
                 accuracy_after = self._accuracy(onnx_path, ctx)
+            elif compare_accuracy:
+                assert onnx_path is not None
+                accuracy_after = self._test_accuracy(onnx_path, ctx)
+            final_column = measured_column(
+                ir, latency, onnx_path, accuracy_after, budget, ctx.accuracy_before
+            )
+        if compare:
+            assert ctx.reference_ir is not None
+            reference = measure_reference(
+                ctx.reference_ir,
+                target,
+                ctx.seed,
+                budget,
+                ctx.accuracy_before,
+                accuracy_of=(lambda path: self._test_accuracy(path, ctx)) if compare_accuracy else None,
+            )
+            ctx.section("comparison", comparison_section(reference, final_column, target.name, latency.label))
         rows = per_layer_rows(ir, counts, latency, kernels)
         section: dict[str, Any] = {
             "target": target.name,
@@ -287,6 +318,11 @@ class Hardware(Pass):
 
     def _accuracy(self, onnx_path: Path, ctx: Context) -> float:
         self._check_accuracy_inputs(ctx)
+        return self._test_accuracy(onnx_path, ctx)
+
+    @staticmethod
+    def _test_accuracy(onnx_path: Path, ctx: Context) -> float:
+        """Top-1 accuracy of the ONNX file on the test split (ONNX Runtime)."""
         assert ctx.data is not None
         x, y = ctx.data.test.tensors[0].cpu().numpy(), ctx.data.test.tensors[1].cpu().numpy()
         return onnx_accuracy(onnx_path, x, y, ctx.threads)

@@ -3,6 +3,8 @@
 ``Pipeline(["fold_bn", "dce"])`` is what ``cli.py optimize --passes fold_bn,dce`` builds.
 The exporter (placement ``"export"``) is added last unless ``export=False``; passes with
 placement ``"check"`` (e.g. the hardware budget check) run after it, on the exported file.
+Which check passes are wanted is decided once the others ran, so that a limit a pass resolved
+(``quantize.latency_ratio``) brings the hardware check in as ``--budget`` does.
 """
 
 from __future__ import annotations
@@ -116,32 +118,46 @@ class Pipeline:
         result = PipelineResult(ir=ir)
         result.accuracy_before = _test_accuracy(ir, ctx)
         ctx.accuracy_before = result.accuracy_before
+        ctx.reference_ir = None
         occurrences: dict[str, int] = {}
-        for pass_ in self.with_wanted_checks(ctx):
-            if pass_.placement != "user" and not is_main_process():
-                continue  # under torchrun only rank 0 exports, measures and checks the budget
-            occurrences[pass_.name] = occurrences.get(pass_.name, 0) + 1
-            ctx.pass_occurrence = occurrences[pass_.name]
-            ctx.current_pass = pass_.name
-            ctx.summaries.setdefault(pass_.name, {})
-            before = ir.summary()
-            reference = ir.clone() if pass_.preserves_semantics else None
-            ctx.logger.info("pass %s ...", pass_.name)
-            start = time.perf_counter()
-            try:
-                ir = pass_.run(ir, ctx)
-            except BudgetError as exc:
-                if pass_.placement != "check":
-                    raise  # a search pass found the budget impossible: nothing to hand over
-                result.budget_error = exc  # the model exists but misses its budget: report it
-            seconds = time.perf_counter() - start
-            diff = verify(ir, reference, atol=self.verify_atol, pass_name=pass_.name)
-            result.records.append(
-                PassRecord(pass_.name, seconds, dict(ctx.summaries[pass_.name]), before, ir.summary(), diff)
-            )
+        for pass_ in [p for p in self.passes if p.placement != "check"]:
+            if ctx.reference_ir is None and not (pass_.refines_float or pass_.preserves_semantics):
+                ctx.reference_ir = ir.clone()  # the float model before compression (report's before/after)
+            ir = self._run_one(pass_, ir, ctx, result, occurrences)
+        if ctx.reference_ir is None:
+            ctx.reference_ir = ir.clone()
+        for pass_ in [p for p in self.with_wanted_checks(ctx) if p.placement == "check"]:
+            ir = self._run_one(pass_, ir, ctx, result, occurrences)
         result.ir = ir
         result.accuracy_after = _test_accuracy(ir, ctx)
         return result
+
+    def _run_one(
+        self, pass_: Pass, ir: IR, ctx: Context, result: PipelineResult, occurrences: dict[str, int]
+    ) -> IR:
+        """Run one pass, verify its IR and record it in ``result``."""
+        if pass_.placement != "user" and not is_main_process():
+            return ir  # under torchrun only rank 0 exports, measures and checks the budget
+        occurrences[pass_.name] = occurrences.get(pass_.name, 0) + 1
+        ctx.pass_occurrence = occurrences[pass_.name]
+        ctx.current_pass = pass_.name
+        ctx.summaries.setdefault(pass_.name, {})
+        before = ir.summary()
+        reference = ir.clone() if pass_.preserves_semantics else None
+        ctx.logger.info("pass %s ...", pass_.name)
+        start = time.perf_counter()
+        try:
+            ir = pass_.run(ir, ctx)
+        except BudgetError as exc:
+            if pass_.placement != "check":
+                raise  # a search pass found the budget impossible: nothing to hand over
+            result.budget_error = exc  # the model exists but misses its budget: report it
+        seconds = time.perf_counter() - start
+        diff = verify(ir, reference, atol=self.verify_atol, pass_name=pass_.name)
+        result.records.append(
+            PassRecord(pass_.name, seconds, dict(ctx.summaries[pass_.name]), before, ir.summary(), diff)
+        )
+        return ir
 
 
 def _test_accuracy(ir: IR, ctx: Context) -> float | None:

@@ -109,6 +109,16 @@ class QuantizeOptions(HaqOptions):
             raise ValueError("groups must be at least 1")
         if self.calib_batches < 1:
             raise ValueError("calib_batches must be at least 1")
+        ratios: dict[str, float | None] = {
+            "latency_ratio": self.latency_ratio,
+            "size_ratio": self.size_ratio,
+            "bitops_ratio": self.bitops_ratio,
+        }
+        for name, ratio in ratios.items():
+            if ratio is not None and self.method != "haq":
+                raise ValueError(f"{name} is a budget of method=haq, not of method={self.method}")
+            if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+                raise ValueError(f"{name} must be a positive number, got {ratio}")
 
 
 class Quantize(Pass):

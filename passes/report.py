@@ -146,20 +146,79 @@ def totals_table(report: dict[str, Any], fmt: str) -> str:
     return tabulate(rows, headers=["", "before", "after"], tablefmt=fmt)
 
 
+def _exact(value: Any) -> str:
+    """A budget figure with the digits a limit needs (66,643 B must not print as 6.664e+04)."""
+    return f"{value:.6g}" if isinstance(value, float) else _short(value)
+
+
 def budget_table(report: dict[str, Any], fmt: str) -> str:
     """One row per budget constraint: limit, measured value, met or not."""
     rows = [
         [
             name,
-            _short(c.get("limit")),
-            _short(c.get("measured")),
+            _exact(c.get("limit")),
+            _exact(c.get("measured")),
             c.get("unit", ""),
             "yes" if c.get("met") else "NO",
+            c.get("source", "--budget"),
         ]
         for name, c in (report.get("budget") or {}).items()
         if isinstance(c, dict)
     ]
-    return tabulate(rows, headers=["budget", "limit", "measured", "unit", "met"], tablefmt=fmt)
+    return tabulate(rows, headers=["budget", "limit", "measured", "unit", "met", "source"], tablefmt=fmt)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_met(met: bool | None) -> str:
+    return "-" if met is None else ("yes" if met else "NO")
+
+
+def comparison_table(report: dict[str, Any], fmt: str) -> str:
+    """The before/after table: the float reference against the exported model, both measured
+    on the target (``comparison`` section, written by the hardware pass); empty when absent."""
+    comparison = report.get("comparison")
+    if not comparison:
+        return ""
+    ref, out = comparison["float_reference"], comparison["exported"]
+
+    def change(a: float | None, b: float | None, less: str, more: str) -> str:
+        if a is None or b is None or not a or not b:
+            return "-"
+        return f"{a / b:.2f}x {less}" if a >= b else f"{b / a:.2f}x {more}"
+
+    acc_change = comparison.get("accuracy_change")
+    rows = [
+        [
+            "model size (real bits)",
+            _fmt_bytes(ref["size_bytes"]),
+            _fmt_bytes(out["size_bytes"]),
+            change(ref["size_bytes"], out["size_bytes"], "smaller", "larger"),
+        ],
+        [
+            f"latency ({comparison['target']}, batch 1)",
+            f"{ref['latency_ms']:.4f} ms",
+            f"{out['latency_ms']:.4f} ms",
+            change(ref["latency_ms"], out["latency_ms"], "faster", "slower"),
+        ],
+        [
+            "accuracy (test, ONNX Runtime)",
+            _fmt_acc(ref.get("accuracy")),
+            _fmt_acc(out.get("accuracy")),
+            "-" if acc_change is None else f"{100 * acc_change:+.2f} pts",
+        ],
+        ["params", _fmt_count(ref["params"]), _fmt_count(out["params"]), ""],
+        ["MACs", _fmt_count(ref["macs"]), _fmt_count(out["macs"]), ""],
+        ["budget met", _fmt_met(ref.get("budget_met")), _fmt_met(out.get("budget_met")), ""],
+    ]
+    return tabulate(rows, headers=["", "float reference", "exported", "change"], tablefmt=fmt)
 
 
 def hardware_lines(report: dict[str, Any]) -> list[str]:
@@ -192,6 +251,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         pass_table(report, "github"),
         "",
     ]
+    if report.get("comparison"):
+        parts += [
+            "## Before and after",
+            "",
+            "The float reference (the model after the passes that only train it) and the exported "
+            "model, measured alike on the target.",
+            "",
+            comparison_table(report, "github"),
+            "",
+        ]
     if report.get("hardware") or report.get("budget"):
         parts += ["## Hardware and budget", "", *hardware_lines(report), ""]
         if report.get("budget"):
@@ -219,4 +288,10 @@ def render_console(report: dict[str, Any], max_layers: int = 60) -> str:
         text += ["", *hardware_lines(report)]
     if report.get("budget"):
         text += ["", budget_table(report, "simple")]
+    if report.get("comparison"):
+        text += [
+            "",
+            "before / after (float reference vs exported model):",
+            comparison_table(report, "simple"),
+        ]
     return "\n".join(text)

@@ -42,6 +42,7 @@ class TrainPass(Pass):
 
     name = "train"
     Options = TrainOptions
+    refines_float = True  # the model after training is the float reference of the report's before/after
 
     def run(self, ir: IR, ctx: Context) -> IR:
         opts: TrainOptions = self.options

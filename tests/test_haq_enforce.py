@@ -31,12 +31,18 @@ def test_lowering_order_last_layer_first_activation_before_weight() -> None:
 
 def test_sweeps_repeat_until_the_budget_holds() -> None:
     levels = BitLevels(2, 8)
-    cost = size_cost([100, 100], levels)  # bytes = 100·bits/8 per layer
-    policy, _ = enforce([(8, 8), (8, 8)], cost, budget=100 * 9 / 8, levels=levels, lower_activations=False)
+    cost = size_cost([800, 800], levels)  # bytes = 800·bits/8 = 100·bits per layer, whole at every width
+    policy, _ = enforce([(8, 8), (8, 8)], cost, budget=100 * 9, levels=levels, lower_activations=False)
     # 9 bits in all: lowering alternates from the last layer, so (5, 4)
     assert [w for w, _ in policy] == [5, 4]
-    assert cost(policy) <= 100 * 9 / 8
+    assert cost(policy) <= 100 * 9
     assert [a for _, a in policy] == [8, 8]  # size mode never touches activations
+
+
+def test_size_packs_each_kernel_into_whole_bytes() -> None:
+    """As hardware.counts counts the exported model: ceil(n·b/8) per kernel, the rest at 32 bits."""
+    cost = size_cost([100, 3], BitLevels(2, 8), other_params=10)
+    assert cost([(5, 8), (3, 8)]) == 63 + 2 + 40  # ceil(62.5), ceil(1.125), 10 float32
 
 
 def test_float_level_is_lowered_to_b_max_first() -> None:

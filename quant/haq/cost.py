@@ -14,6 +14,7 @@ impossible and says so (exit code 3).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,8 +76,9 @@ def build_table(
 
 
 def size_cost(params: Sequence[int], levels: BitLevels, other_params: int = 0) -> CostModel:
-    """Model size in bytes: each layer's parameters at its weight bits, the rest in float32."""
-    table = build_table(len(params), levels, lambda i, w, _a: params[i] * as_bits(w) / 8.0)
+    """Model size in bytes: each layer's kernel packed at its weight bits (``ceil(n·b/8)``, as
+    :mod:`hardware.counts` counts the exported model), the rest in float32."""
+    table = build_table(len(params), levels, lambda i, w, _a: math.ceil(params[i] * as_bits(w) / 8))
     return CostModel("size", table, fixed=other_params * FLOAT_BITS / 8.0)
 
 
@@ -99,7 +101,9 @@ class BudgetSpec:
 
     ``margin`` is headroom: the search (and the check of the exported file) aim at
     ``target = limit · (1 − margin)``, so that a re-measurement of the file still finds it
-    within ``limit``. ``ratio`` is set when the limit is a ratio of the uniform 8-bit cost.
+    within ``limit``. ``ratio`` is set when the limit is a ratio of the uniform 8-bit cost, and
+    ``absolute`` when ``--budget`` also limits the metric: the tighter of the two applies, also
+    when a measured check re-resolves the ratio on a fresh timing of the uniform 8-bit file.
     """
 
     metric: str
@@ -108,6 +112,14 @@ class BudgetSpec:
     source: str  # "--budget" or "<metric>_ratio=<r>"
     margin: float = 0.0
     ratio: float | None = None
+    absolute: float | None = None
+
+    def limit_for(self, reference: float | None) -> float:
+        """The limit with the ratio applied to ``reference`` (a re-measured uniform 8-bit cost)."""
+        if self.ratio is None or reference is None:
+            return self.limit
+        by_ratio = self.ratio * reference
+        return by_ratio if self.absolute is None else min(by_ratio, self.absolute)
 
     @property
     def target(self) -> float:
@@ -120,6 +132,8 @@ class BudgetSpec:
             "uniform_8bit_cost": self.reference_8bit,
             "ratio_of_8bit": self.limit / self.reference_8bit if self.reference_8bit else None,
             "source": self.source,
+            "ratio": self.ratio,
+            "absolute": self.absolute,
             "margin": self.margin,
             "search_target": self.target,
         }
@@ -135,7 +149,10 @@ def resolve_budget(
     reference: float | None = None,
     floor: float | None = None,
 ) -> BudgetSpec:
-    """Turn ``--budget`` or a ``*_ratio`` option into a limit on ``model``'s metric.
+    """Turn ``--budget`` and/or a ``*_ratio`` option into a limit on ``model``'s metric.
+
+    A ratio ``r`` means ``limit = r × reference`` (the uniform 8-bit policy's cost on ``target``);
+    with both given the tighter limit applies and ``source`` names it.
 
     ``int8_is_fastest`` marks a target (ort-cpu) where lower bits do not lower latency: a
     latency ratio below 1 can never be met there, which is a ``BudgetError`` naming the target.
@@ -143,9 +160,9 @@ def resolve_budget(
     ``reference`` (the uniform 8-bit cost) and ``floor`` (the cheapest policy's cost) replace
     the table's own sums when a better evaluation is at hand (a calibrated, whole-model one).
     """
-    if (absolute is None) == (ratio is None):
+    if absolute is None and ratio is None:
         raise BadInputError(
-            f"HAQ needs exactly one {model.metric} budget: --budget {model.metric}=... or quantize.{model.metric}_ratio"
+            f"HAQ needs a {model.metric} budget: --budget {model.metric}=... or quantize.{model.metric}_ratio"
         )
     reference = model.uniform(8) if reference is None else reference
     if ratio is not None:
@@ -157,6 +174,8 @@ def resolve_budget(
                 "and lower bits are not faster, so no policy beats uniform 8-bit (use a ratio >= 1)"
             )
         limit, source = ratio * reference, f"{model.metric}_ratio={ratio:g}"
+        if absolute is not None and float(absolute) < limit:
+            limit, source = float(absolute), "--budget"
     else:
         assert absolute is not None
         limit, source = float(absolute), "--budget"
@@ -169,4 +188,11 @@ def resolve_budget(
             f"HAQ: the {model.metric} budget {limit:.4g}{model.unit} is impossible on {target}: "
             f"the cheapest policy costs {floor:.4g}{model.unit} (uniform 8-bit: {reference:.4g}{model.unit})"
         )
-    return BudgetSpec(model.metric, limit, reference, source, ratio=ratio)
+    return BudgetSpec(
+        model.metric,
+        limit,
+        reference,
+        source,
+        ratio=ratio,
+        absolute=None if absolute is None else float(absolute),
+    )

@@ -18,13 +18,19 @@ class HaqOptions:
 
     episodes: int = option(600, "haq: search episodes (official default 600; 20 of them are random warm-up)")
     latency_ratio: float | None = option(
-        None, "haq: latency budget as a ratio of the uniform 8-bit model's latency on --target"
+        None,
+        "haq: latency budget r: limit = r x the uniform 8-bit model's latency on --target (ort-cpu: r >= 1); "
+        "checked on the exported file like --budget (report.json budget section, exit 3 when missed)",
     )
     size_ratio: float | None = option(
-        None, "haq: model-size budget as a ratio of the uniform 8-bit model's size"
+        None,
+        "haq: model-size budget r: limit = r x the uniform 8-bit model's size in bytes (exact count); "
+        "checked on the exported model like --budget",
     )
     bitops_ratio: float | None = option(
-        None, "haq: BitOps budget as a ratio of the uniform 8-bit model's BitOps"
+        None,
+        "haq: BitOps budget r: limit = r x the uniform 8-bit model's BitOps (exact count); "
+        "checked on the exported model like --budget",
     )
     haq_min_bits: int = option(2, "haq: lowest bit-width an action can pick (b_min)")
     haq_max_bits: int = option(

@@ -72,6 +72,7 @@ from fxsculpt.quant.haq.hardware_cost import (
 )
 from fxsculpt.quant.haq.meter import PolicyMeter
 from fxsculpt.quant.haq.options import HaqOptions
+from fxsculpt.quant.haq.ratio_budget import publish_ratio_limit
 from fxsculpt.quant.haq.search import (
     EpisodeRecord,
     Evaluation,
@@ -96,7 +97,11 @@ CURVE_PNG = "haq_curve.png"
 
 
 def choose_metric(opts: HaqOptions, budget: Any) -> tuple[str, float | None, float | None]:
-    """(metric, absolute limit, ratio) from the ratio options or ``--budget``; exactly one is used."""
+    """(metric, absolute limit, ratio) from the ratio options and ``--budget``.
+
+    At most one ratio option may be set; its metric is the one searched. Where ``--budget`` also
+    limits that metric, both are returned and the tighter applies (:func:`quant.haq.cost.resolve_budget`).
+    """
     ratios = {
         "latency": opts.latency_ratio,
         "size": opts.size_ratio,
@@ -107,10 +112,11 @@ def choose_metric(opts: HaqOptions, budget: Any) -> tuple[str, float | None, flo
         raise BadInputError(
             f"HAQ constrains one resource: set only one of {', '.join(f'quantize.{k}_ratio' for k in given)}"
         )
+    limits = budget.limits() if budget is not None and hasattr(budget, "limits") else {}
     if given:
         metric, ratio = next(iter(given.items()))
-        return metric, None, ratio
-    limits = budget.limits() if budget is not None and hasattr(budget, "limits") else {}
+        absolute = limits.get(metric)
+        return metric, None if absolute is None else float(absolute), ratio
     for metric in ("latency", "size", "bitops"):
         if metric in limits:
             return metric, float(limits[metric]), None
@@ -429,6 +435,9 @@ def _search_and_finalize(
         section["measured_limit_ms"] = checks[-1].limit_ms
         section["meets_budget"] = checks[-1].met
         section["policy_lowered_by_check"] = any(not c.met for c in checks)
+    published = publish_ratio_limit(ctx, budget, checks)  # the hardware pass checks the file against it
+    if published is not None:
+        section["ratio_limit"] = published
     ctx.section("haq", section)
     ctx.record(
         method="haq",

@@ -80,7 +80,7 @@ def verify_on_export(
         files = {"policy": meter.export(current, f"check-{len(checks)}"), **anchors}
         measured = meter.measure(files)
         ref_ms = measured.get("reference")
-        limit = budget.ratio * ref_ms if budget.ratio is not None and ref_ms is not None else budget.limit
+        limit = budget.limit_for(ref_ms)
         target = limit * (1.0 - budget.margin)
         predicted = predict(current)
         met = measured["policy"] <= target
