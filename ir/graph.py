@@ -54,8 +54,32 @@ class LayerRow:
         return row
 
 
+#: Layer classes whose subclasses stay leaves when they compute exactly what the base class does.
+_STANDARD_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Third-party subclasses that override ``forward`` only for TorchScript (eager result unchanged):
+#: timm's ``Linear`` casts its weights when scripted and otherwise calls ``F.linear``.
+_EQUIVALENT_SUBCLASSES = frozenset({"timm.layers.linear.Linear"})
+
+
+def is_standard_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a Conv/Linear, or a third-party subclass with the base class's forward.
+
+    Such a subclass traced through becomes a bare ``F.linear`` on its parameters, which no pass
+    recognises as a layer (timm's classifier head stayed unquantized that way); kept as a leaf it
+    is a layer like any other. A subclass with its own forward (timm's ``Conv2dSame`` pads first)
+    is traced through, so what it adds stays in the graph.
+    """
+    cls = type(m)
+    for base in _STANDARD_LAYERS:
+        if isinstance(m, base):
+            qualified = f"{cls.__module__}.{cls.__qualname__}"
+            return cls.forward is base.forward or qualified in _EQUIVALENT_SUBCLASSES
+    return False
+
+
 class SculptTracer(fx.Tracer):
-    """fx tracer that keeps search constructs (and modules the user names) as leaves."""
+    """fx tracer that keeps search constructs, standard layers (:func:`is_standard_layer`) and
+    modules the user names as leaves."""
 
     def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
         super().__init__()
@@ -65,6 +89,8 @@ class SculptTracer(fx.Tracer):
         if isinstance(m, SearchConstruct):
             return True
         if module_qualified_name in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        if is_standard_layer(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
