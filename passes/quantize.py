@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +70,12 @@ class QuantizeOptions(HaqOptions):
     calib_batches: int = option(8, "training batches used to calibrate activation scales")
     keep_float: list[str] = option(
         None, "layers left in float (node names or module paths, comma-separated)", default_factory=list
+    )
+    float_fallback: Literal["measured", "table", "off"] = option(
+        "measured",
+        "uniform 8-bit on ort-cpu: keep float the layers whose int8 kernel (with its float/int8 conversions) "
+        "the measured latency table predicts slower; measured: also time the exported int8 and float files "
+        "and keep the model float if int8 is slower; off: quantize every layer",
     )
     finetune_epochs: int = option(
         -1, "quantization-aware fine-tuning epochs (STE); -1: 0 for uniform, 1 for dfq"
@@ -157,6 +166,8 @@ class Quantize(Pass):
         quantized = [n for n in layers if n not in keep]
         edge = {quantized[0], quantized[-1]} if opts.first_last_bits and quantized else set()
         weight_bits = {n: (opts.first_last_bits if n in edge else opts.bits) for n in quantized}
+        placing = self._places_float_layers(ctx)
+        float_ir = ir.clone() if placing and opts.float_fallback == "measured" else None
         qi.insert_quantizers(
             ir,
             weight_bits,
@@ -166,6 +177,7 @@ class Quantize(Pass):
             quantize_output=opts.quantize_output,
             reduce_range=reduce_range,
         )
+        placement = self._place(ir, ctx, keep) if placing else None
 
         history: list[dict[str, float]] = []
         multiplier_info: dict[str, Any] = {}
@@ -253,6 +265,18 @@ class Quantize(Pass):
         ir.gm.recompile()
         ir.propagate()
         qi.update_meta(ir)
+        whole_model: dict[str, Any] | None = None
+        if float_ir is not None:
+            whole_model = self._time_against_float(ir, float_ir, ctx)
+            if whole_model["int8_ms"] > whole_model["float_ms"]:
+                ctx.logger.warning(
+                    "quantize: the int8 model measured %.3f ms, the float model %.3f ms: keeping it float",
+                    whole_model["int8_ms"],
+                    whole_model["float_ms"],
+                )
+                ir = float_ir
+                whole_model["kept_float"] = True
+                quantized = []
 
         size_bits = qi.model_size_bits(ir)
         table = qi.bits_table(ir)
@@ -274,6 +298,18 @@ class Quantize(Pass):
             "reduce_range": reduce_range,
             "layers": table,
         }
+        float_layers = [{"layer": name, "reason": "quantize.keep_float"} for name in sorted(keep)]
+        if placement is not None:
+            section["placement"] = placement
+            float_layers += placement["float_layers"]
+        if whole_model is not None:
+            section["placement"]["whole_model"] = whole_model
+            if whole_model.get("kept_float"):
+                float_layers = [
+                    {"layer": name, "reason": "whole model: int8 file measured slower than the float file"}
+                    for name in layers
+                ]
+        section["float_layers"] = float_layers
         if opts.method == "dfq":
             section["dfq"] = {**multiplier_info, "history": history, "chosen_bits": chosen_bits}
         ctx.section("quantization", section)
@@ -281,6 +317,56 @@ class Quantize(Pass):
         return ir
 
     # -- helpers --------------------------------------------------------------------------------
+    def _places_float_layers(self, ctx: Context) -> bool:
+        """Whether the measured placement applies: uniform 8-bit weights and activations on ort-cpu."""
+        opts: QuantizeOptions = self.options
+        return (
+            opts.float_fallback != "off"
+            and opts.method == "uniform"
+            and opts.bits == 8
+            and opts.act_bits == 8
+            and opts.first_last_bits in (0, 8)
+            and ctx.target == "ort-cpu"
+        )
+
+    def _place(self, ir: IR, ctx: Context, keep: set[str]) -> dict[str, Any]:
+        """Keep float the layers the target's measured latency table says int8 does not pay for."""
+        from fxsculpt.quant.haq.run import default_latency_table
+        from fxsculpt.quant.placement import place_float_layers
+
+        layers = [n for n in qi.layer_nodes(ir) if n.name not in keep]
+        start = time.perf_counter()
+        placement = place_float_layers(ir, layers, default_latency_table(ctx.target, ctx.threads))
+        summary = placement.summary(layers)
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        if summary["float_layers"]:
+            ctx.logger.info(
+                "quantize: %d layer(s) stay float (measured faster): %s",
+                len(summary["float_layers"]),
+                ", ".join(row["layer"] for row in summary["float_layers"]),
+            )
+        return summary
+
+    def _time_against_float(self, ir: IR, float_ir: IR, ctx: Context) -> dict[str, Any]:
+        """Export the int8 and the float model to a scratch folder and time both on the target."""
+        import tempfile
+
+        from fxsculpt.quant.export import export_quantized
+        from fxsculpt.quant.haq.run import measured_target
+
+        target = measured_target(ctx)  # ort-cpu: _places_float_layers checked it
+        example = ir.example_input(batch=1, seed=ctx.seed).cpu()
+        with tempfile.TemporaryDirectory(prefix="fxsculpt-quantize-") as tmp:
+            paths = {
+                "int8": export_quantized(ir.gm, example, Path(tmp) / "int8.onnx", dynamic_batch=False),
+                "float": export_quantized(
+                    float_ir.gm, example, Path(tmp) / "float.onnx", dynamic_batch=False
+                ),
+            }
+            timings = target.time_interleaved(paths, batch=1, rounds=5)
+        ms = {key: float(np.median([t.median_ms for t in runs])) for key, runs in timings.items()}
+        return {"int8_ms": round(ms["int8"], 4), "float_ms": round(ms["float"], 4), "rounds": 5}
+
     def _finetune_lr(self, ctx: Context) -> float:
         opts: QuantizeOptions = self.options
         return opts.finetune_lr if opts.finetune_lr > 0 else ctx.train.lr / 10
