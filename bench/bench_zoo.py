@@ -1,0 +1,224 @@
+"""Third-party models through fxsculpt, side by side with ONNX Runtime's ``quantize_static``.
+
+For every architecture of :data:`examples.third_party.ZOO` (timm, torchvision and Hugging Face
+definitions, random initial weights): train briefly on the real CIFAR-10 subset, save it with
+``torch.save``, then run the CLI as a user would —
+
+- ``optimize m.pt --passes fold_bn``: the float ONNX file, its parity with PyTorch;
+- ``optimize m.pt --passes fold_bn,quantize --set quantize.method=uniform --set quantize.bits=8``:
+  exit code, int8 parity (top-1 agreement, max |diff|), the layers kept float, pass times;
+- ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, the same 512 training
+  images for calibration) on the float file;
+
+and measure the three files on ONNX Runtime CPU at batch 1, 1 thread, in interleaved rounds
+(medians of this thread's CPU time): int8 ÷ float and ours ÷ quantize_static are ratios from
+the same run. Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune``
+models also get ``--passes prune`` and ``--passes darts`` rows (exit code, seconds).
+
+    python bench/bench_zoo.py                   # every model (~40 min on 2 idle cores)
+    python bench/bench_zoo.py --quick           # the fast rows, fewer rounds
+    python bench/bench_zoo.py --only tv_resnet18 hf_vit
+
+Writes ``bench/results/zoo.json`` and ``bench/results/zoo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from bench_quantize import latencies, onnx_accuracy, ort_quantize_static  # noqa: E402
+
+import cli  # noqa: E402
+from examples.third_party import ZOO, build, missing_package  # noqa: E402
+from fxsculpt.passes.base import TrainSettings  # noqa: E402
+from fxsculpt.training.data import load_data  # noqa: E402
+from fxsculpt.training.loop import train_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
+INT8 = ["--set", "quantize.method=uniform", "--set", "quantize.bits=8"]
+PRUNE_MODELS = ("tv_resnet18", "timm_mobilenetv2_050", "hf_resnet")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fast rows only, 1 epoch, fewer rounds")
+    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), help="these models only")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs before quantizing")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
+    parser.add_argument("--prune", nargs="*", default=list(PRUNE_MODELS), help="models with prune/darts rows")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def run_cli(argv: list[str]) -> tuple[int, float, dict[str, Any] | None, str]:
+    """``cli.main(argv)`` in this process: exit code, seconds, report.json (if written), stderr."""
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    seconds = time.perf_counter() - start
+    out = Path(argv[argv.index("--out") + 1])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    return rc, seconds, report, err.getvalue().strip().splitlines()[-1:][0] if err.getvalue().strip() else ""
+
+
+def optimize(model: Path, out: Path, passes: str, *extra: str) -> list[str]:
+    return [
+        "optimize", str(model), "--trust-model", "--input-shape", "1,3,32,32", "--passes", passes,
+        "--data", f"npz:{DATA}", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def pass_seconds(report: dict[str, Any] | None) -> dict[str, float]:
+    return {p["name"]: round(p["seconds"], 1) for p in (report or {}).get("passes", [])}
+
+
+def kept_float(report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The layers the quantize pass left in float, with its reasons."""
+    quant = (report or {}).get("quantization", {})
+    return list(quant.get("float_layers", [])) or [
+        {"layer": row["layer"], "reason": row.get("float_reason", "")}
+        for row in quant.get("layers", [])
+        if row.get("weight_bits") is None
+    ]
+
+
+def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "package": ZOO[name].package, "features": ZOO[name].features}
+    model = build(name, args.seed)
+    start = time.perf_counter()
+    settings = TrainSettings(epochs=args.epochs, batch_size=64, lr=0.02, progress=False)
+    train_model(model, data.train, settings, "cpu", torch.Generator().manual_seed(args.seed), desc=name)
+    row["train_s"] = round(time.perf_counter() - start, 1)
+    model.eval()
+    path = tmp / f"{name}.pt"
+    torch.save(model, path)
+
+    rc, seconds, report, err = run_cli(optimize(path, tmp / f"{name}_float", "fold_bn"))
+    row["float"] = {"rc": rc, "s": round(seconds, 1), "error": err if rc else ""}
+    if rc:
+        return row
+    row["float"]["max_abs_diff"] = report["onnx"]["max_abs_diff"]
+    float_onnx = tmp / f"{name}_float" / "model.onnx"
+
+    rc, seconds, report, err = run_cli(optimize(path, tmp / f"{name}_int8", "fold_bn,quantize", *INT8))
+    onnx = (report or {}).get("onnx", {})
+    row["int8"] = {
+        "rc": rc,
+        "s": round(seconds, 1),
+        "error": err if rc else "",
+        "agreement": onnx.get("top1_agreement"),
+        "max_abs_diff": onnx.get("max_abs_diff"),
+        "file_bytes": onnx.get("file_bytes"),
+        "kept_float": kept_float(report),
+        "pass_s": pass_seconds(report),
+    }
+    calib = [data.train.tensors[0][i : i + 64].numpy() for i in range(0, 512, 64)]
+    qs = ort_quantize_static(float_onnx, tmp / f"{name}_qs.onnx", calib)
+    paths = {"float": float_onnx, "qs": qs}
+    if rc == 0:
+        paths["ours"] = tmp / f"{name}_int8" / "model.onnx"
+    ms = latencies(paths, args.rounds)
+    row["latency_ms"] = {k: round(v["cpu_ms"], 3) for k, v in ms.items()}
+    x, y = data.test.tensors
+    row["accuracy"] = {k: round(onnx_accuracy(p, x, y), 4) for k, p in paths.items()}
+    row["qs_file_bytes"] = qs.stat().st_size
+    if "ours" in ms:
+        row["int8_over_float"] = round(ms["ours"]["cpu_ms"] / ms["float"]["cpu_ms"], 3)
+        row["ours_over_qs"] = round(ms["ours"]["cpu_ms"] / ms["qs"]["cpu_ms"], 3)
+    if name in args.prune:
+        for passes, extra in (("prune", ["--epochs", "1"]), ("darts", ["--epochs", "1"])):
+            rc, seconds, _, err = run_cli(optimize(path, tmp / f"{name}_{passes}", passes, *extra))
+            row[passes] = {"rc": rc, "s": round(seconds, 1), "error": err if rc else ""}
+    return row
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| model | features | float diff | int8 rc | agreement | int8 max diff | int8÷float | ours÷qs "
+        "| acc float / ours / qs | kept float | quantize s | export s | prune | darts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        i8, acc = r.get("int8", {}), r.get("accuracy", {})
+        kept = ", ".join(k["layer"] for k in i8.get("kept_float", [])) or "none"
+        acc_cell = " / ".join(f"{100 * acc[k]:.1f}" if k in acc else "–" for k in ("float", "ours", "qs"))
+
+        def rc_time(key: str, row: dict[str, Any] = r) -> str:
+            return f"rc {row[key]['rc']}, {row[key]['s']:.0f} s" if key in row else ""
+
+        lines.append(
+            f"| {r['model']} | {r['features']} | {r.get('float', {}).get('max_abs_diff', float('nan')):.1e} "
+            f"| {i8.get('rc', '–')} | {i8.get('agreement') or 0:.3f} | {i8.get('max_abs_diff') or 0:.2e} "
+            f"| {r.get('int8_over_float', float('nan')):.2f} | {r.get('ours_over_qs', float('nan')):.2f} "
+            f"| {acc_cell} | {kept} | {i8.get('pass_s', {}).get('quantize', '')} "
+            f"| {i8.get('pass_s', {}).get('export', '')} | {rc_time('prune')} | {rc_time('darts')} |"
+        )
+    lines += [
+        "",
+        f"ONNX Runtime {result['ort']}, {result['cpu']}; batch 1, 1 thread, medians of {result['rounds']} "
+        "interleaved rounds (thread CPU time). Accuracy: CIFAR-10 subset test split after "
+        f"{result['epochs']} training epoch(s) from random weights. Command: `{result['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    if not DATA.is_file():
+        sys.exit(f"the real CIFAR-10 subset is needed at {DATA}")
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(2)
+    if args.quick:
+        args.epochs, args.rounds = 1, 7
+    names = args.only or [n for n, m in ZOO.items() if not (args.quick and m.slow)]
+    data = load_data(f"npz:{DATA}", seed=args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_zoo_") as tmp:
+        for name in names:
+            reason = missing_package(ZOO[name])
+            if reason:
+                print(f"{name}: skipped, {reason}", flush=True)
+                continue
+            row = model_row(name, Path(tmp), data, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    import onnxruntime
+
+    from fxsculpt.hardware.runtime import cpu_name
+
+    result = {
+        "rows": rows,
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "ort": onnxruntime.__version__,
+        "cpu": cpu_name(),
+        "command": "python " + " ".join(["bench/bench_zoo.py", *sys.argv[1:]]),
+        "numpy": np.__version__,
+    }
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "zoo.json").write_text(json.dumps(result, indent=2))
+    (results / "zoo.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
