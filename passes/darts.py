@@ -125,6 +125,7 @@ class Darts(Pass):
         epochs = opts.epochs if opts.epochs is not None else ctx.train.epochs
         relaxed: dict[str, list[str]] = {}
         if not ir.construct_nodes(Choice):
+            pattern_nodes = len(selected_nodes(ir, opts.pattern))
             matching = len(selected_nodes(ir, opts.pattern, opts.kinds))
             relaxed = relax(
                 ir, opts.pattern, opts.ops, generator=ctx.generator("darts.alpha"), kinds=opts.kinds
@@ -136,11 +137,12 @@ class Darts(Pass):
                     f"darts.ops={','.join(opts.ops)} fit"
                 )
             ctx.logger.info(
-                "darts: relaxed %d of %d nodes matching darts.pattern=%r, kinds %s, into %d candidates "
-                "(ops %s)",
+                "darts: relaxed %d of the %d nodes matching darts.pattern=%r (%d of kinds %s) "
+                "into %d candidates (ops %s)",
                 len(relaxed),
-                matching,
+                pattern_nodes,
                 opts.pattern,
+                matching,
                 ",".join(opts.kinds),
                 sum(len(v) for v in relaxed.values()),
                 ",".join(opts.ops),
