@@ -7,7 +7,8 @@ computed once per edge for every ReLU-first candidate, and the weighted sum accu
 differing only in kernel size (the ``conv_KxK`` of a relaxed user graph) run as one convolution:
 convolution is linear in its kernel, so ``sum_k w_k conv(x, K_k) = conv(x, sum_k w_k pad(K_k))``
 with each kernel zero-padded to the largest one, centred (:func:`conv_merge_group`). One
-convolution at the largest kernel instead of one per size, and one output kept for backward.
+convolution at the largest kernel instead of one per size, and one output kept for backward;
+only while gradients are on, so that hooks counting MACs see every candidate's own convolution.
 ``lean=False`` computes it the way the DARTS code does (every candidate including the zero op,
 each with its own ReLU, each convolution on its own): the benchmark's baseline.
 
@@ -169,7 +170,9 @@ class MixedOp(Choice):
             return summed
         rectified: torch.Tensor | None = None
         total: torch.Tensor | None = None
-        merged: list[int] = getattr(self, "merged", [])
+        # Merged only under autograd (the search's steps), where it saves time and memory; without
+        # gradients (evaluation, shape propagation, MAC counting by hooks) each conv runs on its own.
+        merged: list[int] = getattr(self, "merged", []) if torch.is_grad_enabled() else []
         if merged:
             convs = [self.candidates[i] for i in merged]
             total = merged_conv(convs, [weights[i] for i in merged], x)  # type: ignore[arg-type]
