@@ -211,7 +211,10 @@ def relax_child(args: argparse.Namespace) -> None:
         steps = n // 64 if n % 64 == 1 else -(-n // 64)  # train_model drops a last batch of one
         out.update(seconds=seconds, steps=steps)
     else:
-        options = DartsOptions(epochs=1, plots=False)
+        from fxsculpt.passes.options import build_options
+
+        values = dict(item.split("=", 1) for item in args.darts_set)
+        options = build_options(DartsOptions, {"epochs": "1", "plots": "false", **values}, "darts")
         probe = copy.deepcopy(ir)
         relaxed = relax(probe, options.pattern, options.ops, kinds=options.kinds)
         out.update(
@@ -233,7 +236,14 @@ def relax_child(args: argparse.Namespace) -> None:
         )
         pass_.run(ir, ctx)
         section = ctx.sections["darts"]
-        out.update(seconds=float(section["epoch_seconds"][0]), steps=int(section["history"][0]["steps"]))
+        n_weights = round(options.train_portion * len(data.train))
+        full = min(max(1, n // options.batch_size) for n in (n_weights, len(data.train) - n_weights))
+        out.update(
+            seconds=float(section["epoch_seconds"][0]),
+            steps=int(section["history"][0]["steps"]),
+            full_steps=full,
+            options={k: str(v) for k, v in vars(options).items()},
+        )
     out["rss_before_kb"] = before
     out["rss_after_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(out))
@@ -250,6 +260,7 @@ def run_relax_config(model: str, kind: str, args: argparse.Namespace) -> dict[st
         f"--model={model}",
         f"--data={args.data}",
         f"--threads={args.threads}",
+        *(f"--darts-set={item}" for item in args.darts_set),
     ]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, env=env)
@@ -289,6 +300,13 @@ def summarize_relax(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[f"{kind}_s_per_step"] = statistics.median(r["s_per_step"] for r in runs)
             entry[f"{kind}_peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
             entry[f"{kind}_epoch_rss_gb"] = max(r["epoch_rss_gb"] for r in runs)
+        # A search capped below a full pass (--darts-set steps_per_epoch=N): its epoch is
+        # estimated as s/step times the steps of a full pass, and marked so.
+        full = search[0]["full_steps"]
+        entry["search_full_steps"] = full
+        entry["search_epoch_estimated"] = entry["search_steps"] < full
+        if entry["search_epoch_estimated"]:
+            entry["search_s_per_epoch"] = entry["search_s_per_step"] * full
         entry["ratio"] = entry["search_s_per_epoch"] / entry["train_s_per_epoch"]
         summary.append(entry)
     return summary
@@ -317,8 +335,10 @@ def relax_table(summary: list[dict[str, Any]]) -> str:
             f"{e['relaxed']} / {e['convs']} ({e['candidates']} candidates)",
             f"{e['supernet_macs'] / e['macs']:.2f}",
             f"{e['search_s_per_step']:.2f}",
-            e["search_steps"],
-            f"{e['search_s_per_epoch']:.1f}",
+            f"{e['search_steps']} of {e['search_full_steps']}"
+            if e["search_epoch_estimated"]
+            else e["search_steps"],
+            f"{e['search_s_per_epoch']:.1f}" + (" (est.)" if e["search_epoch_estimated"] else ""),
             f"{e['search_peak_rss_gb']:.2f} (+{e['search_epoch_rss_gb']:.2f})",
             f"{e['train_s_per_step']:.3f}",
             e["train_steps"],
@@ -356,19 +376,25 @@ def run_relax(args: argparse.Namespace) -> None:
         "threads": args.threads,
         "data": args.data,
         "rounds": args.rounds,
-        "darts_options": "defaults (epochs=1, plots=false)",
+        "darts_set": args.darts_set,
+        "darts_options": rows[-1].get("options") if rows else None,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "darts_relax.json").write_text(
+    name = args.name or "darts_relax"
+    (RESULTS / f"{name}.json").write_text(
         json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n"
     )
     command = " ".join(["python", "bench/bench_darts.py", *sys.argv[1:]])
+    options_text = (
+        "options " + ", ".join(f"darts.{item}" for item in args.darts_set)
+        if args.darts_set
+        else "default options: relaxed nodes, candidates, first order, batch 64, channels-last"
+    )
     text = (
         "# DARTS relaxation of ordinary models: a search epoch against a training epoch\n\n"
-        f"One epoch of the `darts` pass (default options: relaxed nodes, candidates, first order, "
-        f"batch 64, channels-last) against one epoch of training the unrelaxed model (SGD, batch 64, "
+        f"One epoch of the `darts` pass ({options_text}) against one epoch of training the unrelaxed model (SGD, batch 64, "
         f"as the `train` pass) on the same {args.data} training split (4,194 images: the search "
         f"takes α steps on one half and weight steps on the other), {args.threads} thread(s), "
         f"median of {args.rounds} alternating round(s); {cpu}. GB: peak resident set of the "
@@ -376,7 +402,7 @@ def run_relax(args: argparse.Namespace) -> None:
         f"before {' '.join(load_before)}, after {' '.join(load_after)} (shared machine).\n\n"
         f"{relax_table(summary)}\n\n`{command}`\n"
     )
-    (RESULTS / "darts_relax.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -517,6 +543,14 @@ def main() -> None:
         default=f"npz:{ROOT.parent / 'shared' / 'data' / 'cifar10-subset.npz'}",
         help="--relax: data",
     )
+    parser.add_argument(
+        "--darts-set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="--relax: a darts option for the search (repeatable), e.g. steps_per_epoch=4",
+    )
+    parser.add_argument("--name", default=None, help="--relax: results file name (darts_relax)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--relax-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
