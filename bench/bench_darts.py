@@ -21,6 +21,19 @@ optimizers as its search script), so the ratio lean / port is measured on this m
     python bench/bench_darts.py            # 10 steps after 2 warm-ups, both orders
     python bench/bench_darts.py --quick    # 3 steps after 1 warm-up
     python bench/bench_darts.py --impls lean,port --port ../pt.darts
+
+``--relax`` measures the relaxation of ordinary models instead (``darts.md`` stays as it is;
+it writes ``darts_relax.json`` and ``darts_relax.md``): for ``builtin:mobilenet``,
+``builtin:resnet`` and the user's MobileNetV2 of ``examples/mobilenetv2_user.py``, one epoch of
+the ``darts`` pass's search with its default options on the real CIFAR-10 subset, against one
+epoch of the ``train`` pass's training of the same unrelaxed model on the same training split
+(SGD, batch 64), each in its own process, alternating. Per epoch the search runs its α steps
+on one half of the split and its weight steps on the other, so both see every image once. The
+headline is the ratio of the two epochs' seconds. Memory is the peak resident set of each
+process (``ru_maxrss`` from ``os.wait4``), and how much of it the epoch added (peak after the
+epoch minus the peak before it, from ``resource.getrusage`` in the process).
+
+    python bench/bench_darts.py --relax    # 1 thread, the CLI's default --threads
 """
 
 from __future__ import annotations
@@ -138,6 +151,259 @@ def child(args: argparse.Namespace) -> None:
         weight_step(model, optimizer, weights, alphas, x_t, y_t, settings.grad_clip, lean)
         times.append(time.perf_counter() - start)
     print(json.dumps({"times": times[args.warmup :]}))
+
+
+# -- relaxation of ordinary models (--relax) -------------------------------------------------
+#: The models of the relaxation benchmark: two built-ins and the user's depthwise model.
+RELAX_MODELS = ("builtin:mobilenet", "builtin:resnet", "user:mobilenetv2")
+
+
+def _relax_ir(model: str) -> Any:
+    """The model as the CLI loads it, for 32x32 RGB inputs and 10 classes."""
+    import torch
+
+    from fxsculpt.ir.graph import IR
+    from fxsculpt.ir.load import LoadOptions, load_ir
+
+    torch.manual_seed(0)  # what cli.py does before building the model
+    if model == "user:mobilenetv2":
+        from examples.mobilenetv2_user import UserMobileNetV2
+
+        return IR.from_module(UserMobileNetV2().eval(), (1, 3, 32, 32), 10)
+    return load_ir(model, LoadOptions(input_shape=(1, 3, 32, 32), num_classes=10))
+
+
+def relax_child(args: argparse.Namespace) -> None:
+    """One epoch of the darts pass's search (``search``) or of training (``train``); one JSON line."""
+    import copy
+    import resource
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from fxsculpt.nas.darts.relax import relax, selected_nodes
+    from fxsculpt.passes.base import Context, TrainSettings
+    from fxsculpt.passes.darts import Darts, DartsOptions, torch_threads
+    from fxsculpt.training.data import load_data
+    from fxsculpt.training.loop import train_model
+
+    data = load_data(args.data, seed=0, val_fraction=0.1)
+    ir = _relax_ir(args.model)
+    convs = sum(
+        1
+        for n in ir.gm.graph.nodes
+        if n.op == "call_module" and isinstance(ir.gm.get_submodule(str(n.target)), torch.nn.Conv2d)
+    )
+    macs = ir.mac_count()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: dict[str, Any] = {"model": args.model, "convs": convs, "macs": macs}
+    if args.relax_child == "train":
+        settings = TrainSettings(epochs=1, batch_size=64, lr=0.05, progress=False)
+        weights = [p for p in ir.weight_parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(weights, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        n = len(data.train)
+        with torch_threads(args.threads):
+            start = time.perf_counter()
+            train_model(
+                ir.gm, data.train, settings, "cpu", torch.Generator().manual_seed(0), optimizer=optimizer
+            )
+            seconds = time.perf_counter() - start
+        steps = n // 64 if n % 64 == 1 else -(-n // 64)  # train_model drops a last batch of one
+        out.update(seconds=seconds, steps=steps)
+    else:
+        from fxsculpt.passes.options import build_options
+
+        values = dict(item.split("=", 1) for item in args.darts_set)
+        options = build_options(DartsOptions, {"epochs": "1", "plots": "false", **values}, "darts")
+        probe = copy.deepcopy(ir)
+        relaxed = relax(probe, options.pattern, options.ops, kinds=options.kinds)
+        out.update(
+            relaxed=len(relaxed),
+            matched=len(selected_nodes(ir, options.pattern)),
+            candidates=sum(len(v) for v in relaxed.values()),
+            supernet_macs=probe.mac_count(),
+        )
+        del probe
+        pass_ = Darts()
+        pass_.options = options
+        stage = Path(tempfile.mkdtemp(prefix="bench_darts_"))
+        ctx = Context(
+            out_dir=stage,
+            stage_dir=stage,
+            data=data,
+            train=TrainSettings(progress=False),
+            threads=args.threads,
+        )
+        pass_.run(ir, ctx)
+        section = ctx.sections["darts"]
+        n_weights = round(options.train_portion * len(data.train))
+        full = min(max(1, n // options.batch_size) for n in (n_weights, len(data.train) - n_weights))
+        out.update(
+            seconds=float(section["epoch_seconds"][0]),
+            steps=int(section["history"][0]["steps"]),
+            full_steps=full,
+            options={k: str(v) for k, v in vars(options).items()},
+        )
+    out["rss_before_kb"] = before
+    out["rss_after_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(out))
+
+
+def run_relax_config(model: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One epoch of ``kind`` (search or train) on ``model`` in a fresh process."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        f"--relax-child={kind}",
+        f"--model={model}",
+        f"--data={args.data}",
+        f"--threads={args.threads}",
+        *(f"--darts-set={item}" for item in args.darts_set),
+    ]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if code != 0:
+        raise SystemExit(f"benchmark child {kind} {model} failed with exit code {code}")
+    row = json.loads(text.strip().splitlines()[-1])
+    row.update(
+        kind=kind,
+        peak_rss_gb=usage.ru_maxrss * 1024 / 1e9,
+        epoch_rss_gb=(row["rss_after_kb"] - row["rss_before_kb"]) * 1024 / 1e9,
+        s_per_step=row["seconds"] / row["steps"],
+    )
+    return row
+
+
+def summarize_relax(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: medians over rounds of search and train seconds, the largest memory, the ratio."""
+    summary = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        search = [r for r in rows if r["model"] == model and r["kind"] == "search"]
+        train = [r for r in rows if r["model"] == model and r["kind"] == "train"]
+        entry: dict[str, Any] = {
+            "model": model,
+            "convs": search[0]["convs"],
+            "relaxed": search[0]["relaxed"],
+            "candidates": search[0]["candidates"],
+            "macs": search[0]["macs"],
+            "supernet_macs": search[0]["supernet_macs"],
+        }
+        for kind, runs in (("search", search), ("train", train)):
+            entry[f"{kind}_steps"] = runs[0]["steps"]
+            entry[f"{kind}_s_per_epoch"] = statistics.median(r["seconds"] for r in runs)
+            entry[f"{kind}_s_per_step"] = statistics.median(r["s_per_step"] for r in runs)
+            entry[f"{kind}_peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+            entry[f"{kind}_epoch_rss_gb"] = max(r["epoch_rss_gb"] for r in runs)
+        # A search capped below a full pass (--darts-set steps_per_epoch=N): its epoch is
+        # estimated as s/step times the steps of a full pass, and marked so.
+        full = search[0]["full_steps"]
+        entry["search_full_steps"] = full
+        entry["search_epoch_estimated"] = entry["search_steps"] < full
+        if entry["search_epoch_estimated"]:
+            entry["search_s_per_epoch"] = entry["search_s_per_step"] * full
+        entry["ratio"] = entry["search_s_per_epoch"] / entry["train_s_per_epoch"]
+        summary.append(entry)
+    return summary
+
+
+def relax_table(summary: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    headers = [
+        "model",
+        "relaxed / convs",
+        "supernet MACs ÷ model",
+        "search s/step",
+        "search steps",
+        "search s/epoch",
+        "search GB (epoch +GB)",
+        "train s/step",
+        "train steps",
+        "train s/epoch",
+        "train GB (epoch +GB)",
+        "search ÷ train epoch",
+    ]
+    body = [
+        [
+            e["model"],
+            f"{e['relaxed']} / {e['convs']} ({e['candidates']} candidates)",
+            f"{e['supernet_macs'] / e['macs']:.2f}",
+            f"{e['search_s_per_step']:.2f}",
+            f"{e['search_steps']} of {e['search_full_steps']}"
+            if e["search_epoch_estimated"]
+            else e["search_steps"],
+            f"{e['search_s_per_epoch']:.1f}" + (" (est.)" if e["search_epoch_estimated"] else ""),
+            f"{e['search_peak_rss_gb']:.2f} (+{e['search_epoch_rss_gb']:.2f})",
+            f"{e['train_s_per_step']:.3f}",
+            e["train_steps"],
+            f"{e['train_s_per_epoch']:.1f}",
+            f"{e['train_peak_rss_gb']:.2f} (+{e['train_epoch_rss_gb']:.2f})",
+            f"**{e['ratio']:.2f}×**",
+        ]
+        for e in summary
+    ]
+    return tabulate(body, headers=headers, tablefmt="github")
+
+
+def run_relax(args: argparse.Namespace) -> None:
+    """The --relax benchmark: alternate search and train epochs per model, write JSON + markdown."""
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    with open("/proc/loadavg") as f:
+        load_before = f.read().split()[:3]
+    rows = []
+    for _ in range(args.rounds):
+        for model in models:
+            for kind in ("train", "search"):
+                row = run_relax_config(model, kind, args)
+                print(
+                    f"{model} {kind:6s}: {row['seconds']:.1f} s/epoch, {row['steps']} steps, "
+                    f"{row['s_per_step']:.3f} s/step, peak RSS {row['peak_rss_gb']:.2f} GB",
+                    flush=True,
+                )
+                rows.append(row)
+    with open("/proc/loadavg") as f:
+        load_after = f.read().split()[:3]
+    summary = summarize_relax(rows)
+    cpu = cpu_name()
+    settings = {
+        "cpu": cpu,
+        "threads": args.threads,
+        "data": args.data,
+        "rounds": args.rounds,
+        "darts_set": args.darts_set,
+        "darts_options": rows[-1].get("options") if rows else None,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = args.name or "darts_relax"
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2) + "\n"
+    )
+    command = " ".join(["python", "bench/bench_darts.py", *sys.argv[1:]])
+    options_text = (
+        "options " + ", ".join(f"darts.{item}" for item in args.darts_set)
+        if args.darts_set
+        else "default options: relaxed nodes, candidates, first order, batch 64, channels-last"
+    )
+    text = (
+        "# DARTS relaxation of ordinary models: a search epoch against a training epoch\n\n"
+        f"One epoch of the `darts` pass ({options_text}) against one epoch of training the unrelaxed model (SGD, batch 64, "
+        f"as the `train` pass) on the same {args.data} training split (4,194 images: the search "
+        f"takes α steps on one half and weight steps on the other), {args.threads} thread(s), "
+        f"median of {args.rounds} alternating round(s); {cpu}. GB: peak resident set of the "
+        f"process (ru_maxrss), in brackets what the epoch added to the peak before it. Load average "
+        f"before {' '.join(load_before)}, after {' '.join(load_after)} (shared machine).\n\n"
+        f"{relax_table(summary)}\n\n`{command}`\n"
+    )
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
 
 
 def run_config(order: int, impl: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -268,12 +534,39 @@ def main() -> None:
         default="nhwc",
         help="memory layout of the lean search (the darts pass's default is nhwc; the reference is always nchw)",
     )
+    parser.add_argument(
+        "--relax", action="store_true", help="the relaxation benchmark: search epoch vs training epoch"
+    )
+    parser.add_argument("--models", default=",".join(RELAX_MODELS), help="--relax: comma-separated models")
+    parser.add_argument(
+        "--data",
+        default=f"npz:{ROOT.parent / 'shared' / 'data' / 'cifar10-subset.npz'}",
+        help="--relax: data",
+    )
+    parser.add_argument(
+        "--darts-set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="--relax: a darts option for the search (repeatable), e.g. steps_per_epoch=4",
+    )
+    parser.add_argument("--name", default=None, help="--relax: results file name (darts_relax)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relax-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--order", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--impl", default="lean", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.relax_child:
+        relax_child(args)
+        return
     if args.child:
         child(args)
+        return
+    if args.relax:
+        if "--threads" not in " ".join(sys.argv):
+            args.threads = 1  # the CLI's default --threads, which the darts and train passes use
+        run_relax(args)
         return
     impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
     unknown = sorted(set(impls) - {"reference", "lean", "port"})

@@ -2,8 +2,12 @@
 
 Two ways in, one mechanism. A graph that already holds mixed ops (``builtin:darts-supernet``)
 is searched as it is. Any other graph is first relaxed (:mod:`nas.darts.relax`): the nodes
-matching ``darts.pattern`` (convolutions by default) become mixed ops over the DARTS candidates
-that fit their shapes. The search is the paper's bi-level optimization (Algorithm 1), first
+matching ``darts.pattern`` and ``darts.kinds`` (depthwise and k×k convolutions by default, not
+1×1) become mixed ops over the ``darts.ops`` candidates that fit their shapes (by default the
+node's own convolution at 3×3 and 5×5, skip and zero: a depthwise node stays depthwise). A
+relaxed MobileNet-style model then searches an epoch in about the time of a training epoch of
+the model itself (``bench/bench_darts.py --relax``); the paper's eight ops on every convolution
+cost about 20× its MACs. The search is the paper's bi-level optimization (Algorithm 1), first
 order by default, second order with ``darts.order=2`` (eq. 7–8), checkpointed after every
 epoch (``--resume OUT``) and data-parallel under torchrun. Discretization (sec. 2.4)
 then leaves a plain graph; for the cell space the genotype is written as ``genotype.json``
@@ -30,7 +34,7 @@ from fxsculpt.nas.darts.architect import unique_parameters
 from fxsculpt.nas.darts.discretize import discretize, genotype_of
 from fxsculpt.nas.darts.mixed import MixedOp
 from fxsculpt.nas.darts.ops import PRIMITIVES
-from fxsculpt.nas.darts.relax import relax
+from fxsculpt.nas.darts.relax import RELAX_KINDS, RELAX_OPS, is_candidate_name, relax, selected_nodes
 from fxsculpt.nas.darts.search import SearchSettings, search
 from fxsculpt.passes.base import Context, Pass
 from fxsculpt.passes.options import option
@@ -42,9 +46,14 @@ class DartsOptions:
     order: Literal[1, 2] = option(
         1, "1: first-order DARTS (the DARTS code's default); 2: second order (eq. 7-8)"
     )
-    epochs: int = option(50, "search epochs (paper: 50)")
+    epochs: int | None = option(None, "search epochs (default: --epochs; paper: 50)")
     batch_size: int = option(64, "batch size of both the weight and the α step (paper: 64)")
     steps_per_epoch: int = option(0, "cap on search steps per epoch, 0 for a full pass over the data")
+    data_fraction: float = option(
+        1.0,
+        "fraction of the batches of a full pass one search epoch takes (rounded up; "
+        "with steps_per_epoch, the smaller)",
+    )
     w_lr: float = option(0.025, "weight SGD learning rate, cosine-annealed per epoch (paper: 0.025)")
     w_lr_min: float = option(0.001, "final weight learning rate of the cosine schedule (paper: 0.001)")
     w_momentum: float = option(0.9, "weight SGD momentum (paper: 0.9)")
@@ -62,12 +71,21 @@ class DartsOptions:
         0.5, "with split=train, the fraction of the training split used for weights"
     )
     pattern: str = option(
-        "conv", "regex on module class names (or a full node target) of the nodes to relax into mixed ops"
+        "conv",
+        "regex the nodes to relax must match: searched in the module class name, "
+        "or matching a whole node name (e.g. blocks_.*_depthwise) or module path",
+    )
+    kinds: list[Literal["depthwise", "pointwise", "dense", "other"]] = option(
+        None,
+        "kinds of node to relax: depthwise convs, pointwise (1x1) convs, dense (other) convs, "
+        "other modules the pattern selects",
+        default_factory=lambda: list(RELAX_KINDS),
     )
     ops: list[str] = option(
         None,
-        "candidate ops offered on relaxed edges (all 8 DARTS ops)",
-        default_factory=lambda: list(PRIMITIVES),
+        "candidate ops on relaxed edges: conv_KxK (the node's own conv with a KxK kernel, K odd) "
+        "and the DARTS ops (" + ",".join(PRIMITIVES) + "); depthwise nodes get no op with a dense conv",
+        default_factory=lambda: list(RELAX_OPS),
     )
     plots: bool = option(True, "write darts_alphas.png and, for cells, darts_normal.png / darts_reduce.png")
     channels_last: bool = option(
@@ -104,13 +122,31 @@ class Darts(Pass):
         self._check(opts)
         if ctx.data is None:
             raise BadInputError("pass 'darts' searches on data: give --data (e.g. npz:cifar10-subset.npz)")
+        epochs = opts.epochs if opts.epochs is not None else ctx.train.epochs
         relaxed: dict[str, list[str]] = {}
         if not ir.construct_nodes(Choice):
-            relaxed = relax(ir, opts.pattern, opts.ops, generator=ctx.generator("darts.alpha"))
+            pattern_nodes = len(selected_nodes(ir, opts.pattern))
+            matching = len(selected_nodes(ir, opts.pattern, opts.kinds))
+            relaxed = relax(
+                ir, opts.pattern, opts.ops, generator=ctx.generator("darts.alpha"), kinds=opts.kinds
+            )
             if not relaxed:
                 raise BadInputError(
-                    f"pass 'darts' found no node matching darts.pattern={opts.pattern!r} that a DARTS op can replace"
+                    f"pass 'darts' found no node matching darts.pattern={opts.pattern!r} and "
+                    f"darts.kinds={','.join(opts.kinds)} ({matching} matched) for which two or more of "
+                    f"darts.ops={','.join(opts.ops)} fit"
                 )
+            ctx.logger.info(
+                "darts: relaxed %d of the %d nodes matching darts.pattern=%r (%d of kinds %s) "
+                "into %d candidates (ops %s)",
+                len(relaxed),
+                pattern_nodes,
+                opts.pattern,
+                matching,
+                ",".join(opts.kinds),
+                sum(len(v) for v in relaxed.values()),
+                ",".join(opts.ops),
+            )
         ir.gm.to(ctx.device)
 
         # α in graph order, one entry per distinct parameter (tied α once), with a label each.
@@ -130,7 +166,7 @@ class Darts(Pass):
 
         train_set, val_set = self._splits(opts, ctx)
         settings = SearchSettings(
-            epochs=opts.epochs,
+            epochs=epochs,
             batch_size=opts.batch_size,
             order=opts.order,
             w_lr=opts.w_lr,
@@ -142,6 +178,7 @@ class Darts(Pass):
             arch_betas=(opts.arch_beta1, opts.arch_beta2),
             arch_weight_decay=opts.arch_weight_decay,
             steps_per_epoch=opts.steps_per_epoch,
+            data_fraction=opts.data_fraction,
             progress=ctx.train.progress,
             channels_last=opts.channels_last,
         )
@@ -187,20 +224,21 @@ class Darts(Pass):
             "darts",
             {
                 "order": opts.order,
-                "epochs": opts.epochs,
+                "epochs": epochs,
                 "space": "cells" if genotype is not None else "relaxed edges",
                 "relaxed_nodes": relaxed,
                 "genotype": genotype.as_dict() if genotype is not None else None,
                 "decisions": decisions,
                 "mixture_weights": final_weights,
                 "history": result.history,
+                "epoch_seconds": [round(t, 3) for t in result.epoch_seconds],
                 "files": ["genotype.json", *plots],
             },
         )
         last = result.history[-1] if result.history else {}
         ctx.record(
             order=opts.order,
-            epochs=opts.epochs,
+            epochs=epochs,
             edges=len(decisions),
             kept=sum(1 for v in decisions.values() if v != "cut"),
             search_train_accuracy=round(float(last.get("train_accuracy", 0.0)), 4),
@@ -209,15 +247,20 @@ class Darts(Pass):
 
     @staticmethod
     def _check(opts: DartsOptions) -> None:
-        if opts.epochs < 0 or opts.batch_size < 1 or opts.steps_per_epoch < 0:
+        if (opts.epochs is not None and opts.epochs < 0) or opts.batch_size < 1 or opts.steps_per_epoch < 0:
             raise BadInputError("darts.epochs and darts.steps_per_epoch must be >= 0, darts.batch_size >= 1")
         if not 0.0 < opts.train_portion < 1.0:
             raise BadInputError(f"darts.train_portion must be in (0, 1), got {opts.train_portion}")
-        unknown = [o for o in opts.ops if o not in PRIMITIVES]
-        if unknown or not [o for o in opts.ops if o != "none"]:
+        if not 0.0 < opts.data_fraction <= 1.0:
+            raise BadInputError(f"darts.data_fraction must be in (0, 1], got {opts.data_fraction}")
+        unknown = [o for o in opts.ops if not is_candidate_name(o)]
+        if unknown or len([o for o in opts.ops if o != "none"]) < 2:
             raise BadInputError(
-                f"darts.ops needs DARTS ops other than none (unknown: {', '.join(unknown) or '-'}; known: {', '.join(PRIMITIVES)})"
+                "darts.ops needs two or more ops other than none "
+                f"(unknown: {', '.join(unknown) or '-'}; known: conv_KxK for odd K, {', '.join(PRIMITIVES)})"
             )
+        if not opts.kinds:
+            raise BadInputError("darts.kinds needs at least one of depthwise, pointwise, dense, other")
         if min(opts.w_lr, opts.arch_lr) <= 0:
             raise BadInputError("darts.w_lr and darts.arch_lr must be positive")
 

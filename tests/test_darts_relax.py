@@ -12,7 +12,8 @@ from fxsculpt.ir.constructs import Choice
 from fxsculpt.ir.graph import IR
 from fxsculpt.nas.darts.discretize import discretize
 from fxsculpt.nas.darts.mixed import MixedOp
-from fxsculpt.nas.darts.relax import relax
+from fxsculpt.nas.darts.ops import PRIMITIVES
+from fxsculpt.nas.darts.relax import NODE_KINDS, relax
 from fxsculpt.nas.darts.search import SearchSettings, search
 from fxsculpt.passes.darts import torch_threads
 
@@ -92,8 +93,8 @@ def test_relax_search_discretize_resnet(tmp_path) -> None:
         "builtin:resnet",
         LoadOptions(input_shape=(1, 3, 8, 8), num_classes=4, model_options={"blocks": "1", "width": "4"}),
     )
-    relaxed = relax(ir, "conv", generator=torch.Generator().manual_seed(0))
-    # hand-derived from the architecture: the stem is the only path (no none) and widens 3->4
+    relaxed = relax(ir, "conv", PRIMITIVES, generator=torch.Generator().manual_seed(0), kinds=NODE_KINDS)
+    # the paper's eight ops on every conv, hand-derived from the architecture: the stem is the only path (no none) and widens 3->4
     # channels (no pool/skip); block convs sit on residual branches (none allowed); stride-2
     # convs that widen channels get the factorized-reduce skip but no pooling.
     assert relaxed["stem_0"] == ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
@@ -114,15 +115,18 @@ def test_relax_search_discretize_resnet(tmp_path) -> None:
 def test_relax_search_discretize_depthwise_model(tmp_path) -> None:
     torch.manual_seed(0)
     ir = IR.from_module(DepthwiseNet(), (1, 3, 8, 8), 5)
-    relaxed = relax(ir, "conv", generator=torch.Generator().manual_seed(0))
+    relaxed = relax(ir, "conv", PRIMITIVES, generator=torch.Generator().manual_seed(0), kinds=NODE_KINDS)
     assert "none" not in relaxed["stem"] and "none" not in relaxed["dw2"]
-    assert relaxed["dw1"][0] == "none" and relaxed["pw1"][0] == "none"  # the residual branch
+    assert relaxed["pw1"][0] == "none"  # the residual branch
     assert "max_pool_3x3" not in relaxed["pw2"]  # 8 -> 16 channels
-    assert "skip_connect" in relaxed["dw2"]  # stride 2, 8 -> 8: factorized reduce
+    # depthwise nodes stay depthwise: pools and the identity, no separable/dilated conv (their
+    # pointwise convs are dense) and no factorized-reduce skip at stride 2 (two dense 1x1 convs)
+    assert relaxed["dw1"] == ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"]
+    assert relaxed["dw2"] == ["max_pool_3x3", "avg_pool_3x3"]
     _search_discretize_export(ir, 5, tmp_path)
 
 
 def test_pattern_selects_nodes_by_name() -> None:
     ir = IR.from_module(DepthwiseNet(), (1, 3, 8, 8), 5)
-    relaxed = relax(ir, "dw1|pw2")
+    relaxed = relax(ir, "dw1|pw2", PRIMITIVES, kinds=NODE_KINDS)
     assert sorted(relaxed) == ["dw1", "pw2"]

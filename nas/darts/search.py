@@ -19,8 +19,10 @@ and the model is handed back in the ordinary layout.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fxsculpt.ir.errors import BadInputError, RunFailedError
 from fxsculpt.nas.darts.architect import Architect, unique_parameters
@@ -53,6 +56,8 @@ class SearchSettings:
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     steps_per_epoch: int = 0  # 0: as many as the smaller split allows
+    #: fraction of those steps an epoch takes (rounded up); with steps_per_epoch, the smaller
+    data_fraction: float = 1.0
     progress: bool = False
     lean: bool = True
     #: NHWC tensors during the search (faster oneDNN kernels on CPU); the model is returned NCHW.
@@ -68,6 +73,7 @@ class SearchSettings:
             "w_lr": self.w_lr,
             "w_lr_min": self.w_lr_min,
             "steps_per_epoch": self.steps_per_epoch,
+            "data_fraction": self.data_fraction,
             "train_size": train_size,
             "val_size": val_size,
             "world_size": distributed.world_size(),
@@ -81,6 +87,26 @@ class SearchResult:
     history: list[dict[str, float]] = field(default_factory=list)
     #: alpha_history[e][k]: softmax of unique α number k after epoch e (index 0: before search).
     alpha_history: list[list[list[float]]] = field(default_factory=list)
+    #: wall seconds of each epoch run in this call (not of epochs restored from a checkpoint)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def epoch_steps(settings: SearchSettings, train_batches: int, val_batches: int) -> int:
+    """Search steps per epoch: one per pair of batches, times ``data_fraction`` (rounded up),
+    capped at ``steps_per_epoch`` when that is set."""
+    steps = min(train_batches, val_batches)
+    if settings.data_fraction < 1.0:
+        steps = min(steps, max(1, math.ceil(settings.data_fraction * steps - 1e-9)))
+    if settings.steps_per_epoch > 0:
+        steps = min(steps, settings.steps_per_epoch)
+    return steps
+
+
+def _duration(seconds: float) -> str:
+    """``75`` → ``1:15``, ``3725`` → ``1:02:05``."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def cosine_epoch_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
@@ -225,8 +251,34 @@ def search(
         first_epoch = int(extra["epoch"])
         result.history = [dict(h) for h in extra["history"]]
         result.alpha_history = [[list(w) for w in epoch] for epoch in extra["alpha_history"]]
+    log = logging.getLogger("fxsculpt")
+    show = settings.progress and distributed.is_main_process()
+    steps = epoch_steps(settings, len(train_loader), len(val_loader))
+    if show and first_epoch < settings.epochs:
+        log.info(
+            "darts: %d epoch(s) of %d steps (batch %d, order %d, %d weight and %d α images)",
+            settings.epochs - first_epoch,
+            steps,
+            settings.batch_size,
+            settings.order,
+            n_train,
+            n_val,
+        )
+    started = time.perf_counter()
+    # One bar for the whole search, so that its ETA is the search's; log lines go around it.
+    bar = tqdm(
+        total=steps * settings.epochs,
+        initial=steps * min(first_epoch, settings.epochs),
+        desc="darts",
+        unit="step",
+        file=sys.stderr,
+        disable=not show,
+        leave=False,
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(first_epoch, settings.epochs):
+            epoch_start = time.perf_counter()
             stats = _search_epoch(
                 model,
                 optimizer,
@@ -238,8 +290,26 @@ def search(
                 settings,
                 epoch,
                 device,
+                bar,
             )
             distributed.broadcast_buffers(model)
+            now = time.perf_counter()
+            result.epoch_seconds.append(now - epoch_start)
+            if show:
+                done = epoch + 1 - first_epoch
+                left = (now - started) / done * (settings.epochs - epoch - 1)
+                with logging_redirect_tqdm():
+                    log.info(
+                        "darts: epoch %d/%d in %s (%.2f s/step), loss %.3f, accuracy %.3f; elapsed %s, ETA %s",
+                        epoch + 1,
+                        settings.epochs,
+                        _duration(now - epoch_start),
+                        (now - epoch_start) / max(stats["steps"], 1.0),
+                        stats["train_loss"],
+                        stats["train_accuracy"],
+                        _duration(now - started),
+                        _duration(left),
+                    )
             result.history.append(stats)
             result.alpha_history.append(snapshot(alphas))
             if checkpoint is not None and all_finite(model):
@@ -255,6 +325,7 @@ def search(
             if on_epoch is not None:
                 on_epoch(epoch + 1, stats)
     finally:
+        bar.close()
         optimizer.zero_grad(set_to_none=True)
         if settings.channels_last:
             model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -272,24 +343,15 @@ def _search_epoch(
     settings: SearchSettings,
     epoch: int,
     device: torch.device,
+    bar: tqdm[Any],
 ) -> dict[str, float]:
     """One epoch of Algorithm 1: for each pair of batches an α step, then a weight step."""
     lr = cosine_epoch_lr(settings.w_lr, settings.w_lr_min, epoch, settings.epochs)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    steps = min(len(train_loader), len(val_loader))
-    if settings.steps_per_epoch > 0:
-        steps = min(steps, settings.steps_per_epoch)
+    steps = epoch_steps(settings, len(train_loader), len(val_loader))
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(
-        total=steps,
-        desc=f"darts {epoch + 1}/{settings.epochs}",
-        unit="step",
-        file=sys.stderr,
-        disable=not (settings.progress and distributed.is_main_process()),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar.set_description(f"darts epoch {epoch + 1}/{settings.epochs}", refresh=False)
     for step, ((x_t, y_t), (x_v, y_v)) in enumerate(zip(train_loader, val_loader)):
         if step >= steps:
             break
@@ -300,7 +362,6 @@ def _search_epoch(
             model, optimizer, weights, alphas, x_t, y_t, settings.grad_clip, settings.lean
         )
         if not math.isfinite(value):
-            bar.close()
             raise RunFailedError(
                 f"DARTS search diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
                 f"(lower darts.w_lr, now {lr:.3g})"
@@ -312,7 +373,6 @@ def _search_epoch(
         bar.update(1)
         if bar.disable is False:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-    bar.close()
     return {
         "epoch": float(epoch + 1),
         "train_loss": loss_sum / max(seen, 1),
