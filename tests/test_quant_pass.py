@@ -130,7 +130,9 @@ def test_keep_float_layer_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
         torch.Generator().manual_seed(0),
     )
     ir = IR.from_module(model.eval(), (1, 1, 8, 8), 10)
-    out = Quantize(method="uniform", bits="8", keep_float="layer1.0.conv1").run(ir, _ctx(tmp_path, data))
+    out = Quantize(method="uniform", bits="8", float_fallback="off", keep_float="layer1.0.conv1").run(
+        ir, _ctx(tmp_path, data)
+    )
     node = next(n for n in out.gm.graph.nodes if n.name == "layer1_0_conv1")
     assert type(out.gm.get_submodule(str(node.target))) is nn.Conv2d
     assert isinstance(out.gm.get_submodule(str(node.args[0].target)), FloatBoundary)

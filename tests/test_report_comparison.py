@@ -32,7 +32,7 @@ def test_float_reference_is_taken_before_the_first_compressing_pass(tmp_path: Pa
     ir = IR.from_module(model.eval(), (1, 1, 8, 8), 10)
     out = OutputFolder(tmp_path / "out")
     ctx = Context(out_dir=out.out_dir, stage_dir=out.stage_dir, logger=logging.getLogger("test"))
-    options = {"quantize": {"method": "uniform", "bits": "8"}}
+    options = {"quantize": {"method": "uniform", "bits": "8", "float_fallback": "off"}}
     Pipeline(["fold_bn", "dce", "quantize"], options=options, export=False).run(ir, ctx)
     out.discard()
     reference = ctx.reference_ir
