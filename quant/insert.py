@@ -222,6 +222,9 @@ def activation_sites(ir: IR) -> list[Site]:
         module = _module(gm, node)
         if isinstance(module, ActQuantizer):
             continue
+        dtype = ir.meta(node).dtype
+        if dtype is not None and not dtype.startswith(("float", "bfloat")):
+            continue  # integer or boolean tensors (position ids, masks) carry no activations
         users = consumers(gm, node)
         only_relu = len(users) == 1 and is_relu_like(gm, users[0])
         always = is_relu_like(gm, node) or is_avg_pool(gm, node)
