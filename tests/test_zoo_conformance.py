@@ -33,7 +33,7 @@ import cli  # noqa: E402
 
 ZOO = third_party.ZOO
 #: One row per construct family that stays in the default run (the rest are ``zoo_long``).
-DEFAULT_ROWS = ("timm_mobilenetv3_small_050", "tv_shufflenet_v2_x0_5", "hf_resnet")
+DEFAULT_ROWS = ("timm_mobilenetv3_small_050", "hf_resnet")
 INPUT_SHAPE = "1,3,32,32"
 
 
