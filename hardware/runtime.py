@@ -13,7 +13,7 @@ import functools
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +159,11 @@ class Timing:
             if isinstance(value, float):
                 out[key] = round(value, 5)
         return out
+
+
+def median_of_rounds(timings: Mapping[str, Sequence[Timing]]) -> dict[str, float]:
+    """Per model, the median over interleaved rounds of each round's median (ms)."""
+    return {key: statistics.median(t.median_ms for t in rounds) for key, rounds in timings.items()}
 
 
 def percentile(values: list[float], q: float) -> float:

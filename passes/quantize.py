@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -351,6 +350,7 @@ class Quantize(Pass):
         """Export the int8 and the float model to a scratch folder and time both on the target."""
         import tempfile
 
+        from fxsculpt.hardware.runtime import median_of_rounds
         from fxsculpt.quant.export import export_quantized
         from fxsculpt.quant.haq.run import measured_target
 
@@ -363,8 +363,7 @@ class Quantize(Pass):
                     float_ir.gm, example, Path(tmp) / "float.onnx", dynamic_batch=False
                 ),
             }
-            timings = target.time_interleaved(paths, batch=1, rounds=5)
-        ms = {key: float(np.median([t.median_ms for t in runs])) for key, runs in timings.items()}
+            ms = median_of_rounds(target.time_interleaved(paths, batch=1, rounds=5))
         return {"int8_ms": round(ms["int8"], 4), "float_ms": round(ms["float"], 4), "rounds": 5}
 
     def _finetune_lr(self, ctx: Context) -> float:

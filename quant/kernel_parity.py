@@ -195,12 +195,13 @@ def kernel_parity(
 
 
 def _session_from_proto(model: Any, threads: int, make_session: Any) -> Any:
+    """A session of ``model`` (an in-memory ``ModelProto``) made by ``make_session(path, threads)``."""
     import tempfile
+
+    import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "with_codes.onnx"
-        import onnx
-
         onnx.save(model, str(copy))
         return make_session(copy, threads)
 

@@ -45,7 +45,7 @@ class Placement:
     float_ms: float  # every layer float
     chosen_ms: float
     reasons: dict[str, str] = field(default_factory=dict)  # float layer → why
-    evaluations: int = 0
+    table_lookups: int = 0  # latency-table look-ups the search made (remembered policies included)
 
     def float_layers(self, layers: Sequence[fx.Node]) -> list[str]:
         return [node.name for node, p in zip(layers, self.policy, strict=True) if p == FLOAT]
@@ -61,7 +61,7 @@ class Placement:
             "float_layers": [
                 {"layer": name, "reason": self.reasons.get(name, "")} for name in self.float_layers(layers)
             ],
-            "evaluations": self.evaluations,
+            "table_lookups": self.table_lookups,
         }
 
 

@@ -11,12 +11,11 @@ rounds: a shared machine that slows down for a while slows all of them alike.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from fxsculpt.hardware.runtime import Timing
+from fxsculpt.hardware.runtime import Timing, median_of_rounds
 from fxsculpt.quant.haq.enforce import Policy
 from fxsculpt.quant.haq.env import QuantizeEnv
 from fxsculpt.quant.insert import freeze
@@ -74,4 +73,4 @@ class PolicyMeter:
         timings = self.target.time_interleaved(
             files, batch=1, rounds=self.rounds, max_seconds=self.max_seconds
         )
-        return {key: statistics.median(t.median_ms for t in rounds) for key, rounds in timings.items()}
+        return median_of_rounds(timings)
