@@ -1,7 +1,10 @@
 """The ``ort-cpu`` target: ONNX Runtime on this CPU, measured with fixed threads.
 
 Sessions use ``intra_op_num_threads = threads`` (default 1), sequential execution and
-``ORT_ENABLE_EXTENDED`` (:func:`hardware.runtime.measurement_session`). A latency is the
+``ORT_ENABLE_ALL`` for whole models, what a deployed session runs, and ``ORT_ENABLE_EXTENDED``
+for the single layers of the latency table, where node names still map to the file and no
+layout transform wraps a lone convolution in reorders
+(:func:`hardware.runtime.measurement_session`). A latency is the
 median of timed runs after warm-up, with the p90 and a flag when p90 / median exceeds
 ``max_spread`` (a busy machine; the number should not be trusted then).
 
@@ -27,6 +30,7 @@ from fxsculpt.hardware.layers import LayerSignature
 from fxsculpt.hardware.runtime import (
     DEFAULT_MAX_SPREAD,
     Clock,
+    MeasuredLevel,
     Timing,
     cpu_name,
     default_clock,
@@ -84,6 +88,7 @@ class OrtCpuTarget(Target):
             "threads": self.threads,
             "clock": self.clock,
             "layer_repeats": self.layer_repeats,
+            "layer_optimization": "extended",
         }
 
     def int8_dot_saturates(self) -> bool:
@@ -95,9 +100,10 @@ class OrtCpuTarget(Target):
         batch: int = 1,
         max_seconds: float | None = None,
         fallback_shape: tuple[int, ...] | None = None,
+        optimization: MeasuredLevel = "all",
     ) -> Timing:
         """Median/p90 of ``model`` (a path or serialized bytes) at ``batch`` on random inputs."""
-        session = measurement_session(model, self.threads)
+        session = measurement_session(model, self.threads, optimization=optimization)
         feeds = session_inputs(session, batch=batch, fallback_shape=fallback_shape)
         return time_session(
             session,
@@ -112,7 +118,9 @@ class OrtCpuTarget(Target):
     def _lowest_median(self, model: bytes, batch: int) -> float:
         """The lowest of ``layer_repeats`` medians of ``model`` (see the module docstring)."""
         return min(
-            self.time_model(model, batch=batch, max_seconds=self.layer_max_seconds).median_ms
+            self.time_model(
+                model, batch=batch, max_seconds=self.layer_max_seconds, optimization="extended"
+            ).median_ms
             for _ in range(self.layer_repeats)
         )
 

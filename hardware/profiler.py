@@ -254,7 +254,11 @@ def profile_onnx(
     with tempfile.TemporaryDirectory(prefix="fxsculpt-profile-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         session = measurement_session(
-            path, threads, profile_prefix=str(Path(tmp) / "ort"), optimized_model_path=optimized_path
+            path,
+            threads,
+            profile_prefix=str(Path(tmp) / "ort"),
+            optimized_model_path=optimized_path,
+            optimization="extended",  # node names still map back to the file
         )
         fallback = tuple(ir.input_shape) if ir is not None else None
         feeds = session_inputs(session, batch=batch, fallback_shape=fallback)
