@@ -73,8 +73,9 @@ class QuantizeOptions(HaqOptions):
     float_fallback: Literal["measured", "table", "off"] = option(
         "measured",
         "uniform 8-bit on ort-cpu: keep float the layers whose int8 kernel (with its float/int8 conversions) "
-        "the measured latency table predicts slower; measured: also time the exported int8 and float files "
-        "and keep the model float if int8 is slower; off: quantize every layer",
+        "the measured latency table predicts slower; measured: also time the placed model, the model with "
+        "every layer int8 and the float model as exported files on the target (at ORT_ENABLE_ALL, as "
+        "deployed) and hand over the fastest; off: quantize every layer",
     )
     finetune_epochs: int = option(
         -1, "quantization-aware fine-tuning epochs (STE); -1: 0 for uniform, 1 for dfq"
@@ -266,15 +267,21 @@ class Quantize(Pass):
         qi.update_meta(ir)
         whole_model: dict[str, Any] | None = None
         if float_ir is not None:
-            whole_model = self._time_against_float(ir, float_ir, ctx)
-            if whole_model["int8_ms"] > whole_model["float_ms"]:
-                ctx.logger.warning(
-                    "quantize: the int8 model measured %.3f ms, the float model %.3f ms: keeping it float",
-                    whole_model["int8_ms"],
-                    whole_model["float_ms"],
+            candidates = {"placed": ir, "float": float_ir}
+            if placement is not None and placement["float_layers"] and not epochs:
+                candidates["all_int8"] = self._quantize_every_layer(
+                    float_ir, weight_bits, keep, reduce_range, ctx
                 )
-                ir = float_ir
-                whole_model["kept_float"] = True
+            whole_model = self._time_candidates(candidates, ctx)
+            chosen = whole_model["chosen"]
+            if chosen != "placed":
+                ctx.logger.warning(
+                    "quantize: measured %s: keeping the %s model",
+                    ", ".join(f"{k} {v:.3f} ms" for k, v in whole_model["ms"].items()),
+                    chosen.replace("_", " "),
+                )
+            ir = candidates[chosen]
+            if chosen == "float":
                 quantized = []
 
         size_bits = qi.model_size_bits(ir)
@@ -303,11 +310,13 @@ class Quantize(Pass):
             float_layers += placement["float_layers"]
         if whole_model is not None:
             section["placement"]["whole_model"] = whole_model
-            if whole_model.get("kept_float"):
+            if whole_model["chosen"] == "float":
                 float_layers = [
-                    {"layer": name, "reason": "whole model: int8 file measured slower than the float file"}
+                    {"layer": name, "reason": "whole model: the float file measured fastest"}
                     for name in layers
                 ]
+            elif whole_model["chosen"] == "all_int8":
+                float_layers = [row for row in float_layers if row["reason"] == "quantize.keep_float"]
         section["float_layers"] = float_layers
         if opts.method == "dfq":
             section["dfq"] = {**multiplier_info, "history": history, "chosen_bits": chosen_bits}
@@ -346,8 +355,31 @@ class Quantize(Pass):
             )
         return summary
 
-    def _time_against_float(self, ir: IR, float_ir: IR, ctx: Context) -> dict[str, Any]:
-        """Export the int8 and the float model to a scratch folder and time both on the target."""
+    def _quantize_every_layer(
+        self, float_ir: IR, weight_bits: dict[str, int], keep: set[str], reduce_range: bool, ctx: Context
+    ) -> IR:
+        """``float_ir`` with every layer but ``keep`` quantized and calibrated: the placement's rival."""
+        opts: QuantizeOptions = self.options
+        candidate = float_ir.clone()
+        qi.insert_quantizers(
+            candidate,
+            weight_bits,
+            opts.act_bits,
+            per_channel=opts.weight_granularity == "channel",
+            keep_float=keep,
+            quantize_output=opts.quantize_output,
+            reduce_range=reduce_range,
+        )
+        self._calibrate(candidate, ctx)
+        qi.freeze(candidate)
+        candidate.gm.recompile()
+        candidate.propagate()
+        qi.update_meta(candidate)
+        return candidate
+
+    def _time_candidates(self, candidates: dict[str, IR], ctx: Context) -> dict[str, Any]:
+        """Export every candidate model to a scratch folder, time them in interleaved rounds on the
+        target (at the optimization level a deployed session runs) and name the fastest."""
         import tempfile
 
         from fxsculpt.hardware.runtime import median_of_rounds
@@ -355,16 +387,19 @@ class Quantize(Pass):
         from fxsculpt.quant.haq.run import measured_target
 
         target = measured_target(ctx)  # ort-cpu: _places_float_layers checked it
-        example = ir.example_input(batch=1, seed=ctx.seed).cpu()
+        example = next(iter(candidates.values())).example_input(batch=1, seed=ctx.seed).cpu()
+        rounds = 7
         with tempfile.TemporaryDirectory(prefix="fxsculpt-quantize-") as tmp:
             paths = {
-                "int8": export_quantized(ir.gm, example, Path(tmp) / "int8.onnx", dynamic_batch=False),
-                "float": export_quantized(
-                    float_ir.gm, example, Path(tmp) / "float.onnx", dynamic_batch=False
-                ),
+                key: export_quantized(c.gm, example, Path(tmp) / f"{key}.onnx", dynamic_batch=False)
+                for key, c in candidates.items()
             }
-            ms = median_of_rounds(target.time_interleaved(paths, batch=1, rounds=5))
-        return {"int8_ms": round(ms["int8"], 4), "float_ms": round(ms["float"], 4), "rounds": 5}
+            ms = median_of_rounds(target.time_interleaved(paths, batch=1, rounds=rounds))
+        return {
+            "ms": {key: round(value, 4) for key, value in ms.items()},
+            "rounds": rounds,
+            "chosen": min(ms, key=lambda key: ms[key]),
+        }
 
     def _finetune_lr(self, ctx: Context) -> float:
         opts: QuantizeOptions = self.options
