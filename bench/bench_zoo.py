@@ -10,14 +10,16 @@ definitions, random initial weights): train briefly on the real CIFAR-10 subset,
 - ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, the same 512 training
   images for calibration) on the float file;
 
-and measure the three files on ONNX Runtime CPU at batch 1, 1 thread, in interleaved rounds
-(medians of this thread's CPU time): int8 ÷ float and ours ÷ quantize_static are ratios from
-the same run. Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune``
+and measure the three files with the ``ort-cpu`` target (ONNX Runtime CPU, ``ORT_ENABLE_ALL`` as
+a deployed session runs, batch 1, 1 thread, the thread's CPU time) in interleaved rounds, each
+round a fresh session per file: int8 ÷ float and ours ÷ quantize_static are ratios of medians
+from the same run. Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune``
 models also get ``--passes prune`` and ``--passes darts`` rows (exit code, seconds).
 
     python bench/bench_zoo.py                   # every model (~40 min on 2 idle cores)
     python bench/bench_zoo.py --quick           # the fast rows, fewer rounds
     python bench/bench_zoo.py --only tv_resnet18 hf_vit
+    python bench/bench_zoo.py --search-only --prune tv_resnet18 hf_vit   # prune/darts rows alone
 
 Writes ``bench/results/zoo.json`` and ``bench/results/zoo.md``.
 """
@@ -43,10 +45,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_quantize import latencies, onnx_accuracy, ort_quantize_static  # noqa: E402
+from bench_quantize import onnx_accuracy, ort_quantize_static  # noqa: E402
 
 import cli  # noqa: E402
 from examples.third_party import ZOO, build, missing_package  # noqa: E402
+from fxsculpt.hardware.ort_cpu import OrtCpuTarget  # noqa: E402
+from fxsculpt.hardware.runtime import median_of_rounds  # noqa: E402
 from fxsculpt.passes.base import TrainSettings  # noqa: E402
 from fxsculpt.training.data import load_data  # noqa: E402
 from fxsculpt.training.loop import train_model  # noqa: E402
@@ -63,6 +67,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="training epochs before quantizing")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
     parser.add_argument("--prune", nargs="*", default=list(PRUNE_MODELS), help="models with prune/darts rows")
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="only the prune/darts rows of the --prune models (written to zoo_search.json/.md), so "
+        "they can run beside the timed rows",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -111,6 +121,9 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
     path = tmp / f"{name}.pt"
     torch.save(model, path)
 
+    if args.search_only:
+        search_rows(name, path, tmp, row)
+        return row
     rc, seconds, report, err = run_cli(optimize(path, tmp / f"{name}_float", "fold_bn"))
     row["float"] = {"rc": rc, "s": round(seconds, 1), "error": err if rc else ""}
     if rc:
@@ -135,19 +148,24 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
     paths = {"float": float_onnx, "qs": qs}
     if rc == 0:
         paths["ours"] = tmp / f"{name}_int8" / "model.onnx"
-    ms = latencies(paths, args.rounds)
-    row["latency_ms"] = {k: round(v["cpu_ms"], 3) for k, v in ms.items()}
+    ms = median_of_rounds(OrtCpuTarget(threads=1).time_interleaved(paths, batch=1, rounds=args.rounds))
+    row["latency_ms"] = {k: round(v, 4) for k, v in ms.items()}
     x, y = data.test.tensors
     row["accuracy"] = {k: round(onnx_accuracy(p, x, y), 4) for k, p in paths.items()}
     row["qs_file_bytes"] = qs.stat().st_size
     if "ours" in ms:
-        row["int8_over_float"] = round(ms["ours"]["cpu_ms"] / ms["float"]["cpu_ms"], 3)
-        row["ours_over_qs"] = round(ms["ours"]["cpu_ms"] / ms["qs"]["cpu_ms"], 3)
+        row["int8_over_float"] = round(ms["ours"] / ms["float"], 3)
+        row["ours_over_qs"] = round(ms["ours"] / ms["qs"], 3)
     if name in args.prune:
-        for passes, extra in (("prune", ["--epochs", "1"]), ("darts", ["--epochs", "1"])):
-            rc, seconds, _, err = run_cli(optimize(path, tmp / f"{name}_{passes}", passes, *extra))
-            row[passes] = {"rc": rc, "s": round(seconds, 1), "error": err if rc else ""}
+        search_rows(name, path, tmp, row)
     return row
+
+
+def search_rows(name: str, path: Path, tmp: Path, row: dict[str, Any]) -> None:
+    """``--passes prune`` and ``--passes darts`` (one epoch) on the saved model: exit code, seconds."""
+    for passes in ("prune", "darts"):
+        rc, seconds, _, err = run_cli(optimize(path, tmp / f"{name}_{passes}", passes, "--epochs", "1"))
+        row[passes] = {"rc": rc, "s": round(seconds, 1), "error": err if rc else ""}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -158,7 +176,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         i8, acc = r.get("int8", {}), r.get("accuracy", {})
-        kept = ", ".join(k["layer"] for k in i8.get("kept_float", [])) or "none"
+        names = [k["layer"] for k in i8.get("kept_float", [])]
+        kept = ", ".join(names) if len(names) <= 4 else f"{len(names)} layers ({names[0]}, …)"
+        kept = kept or "none"
         acc_cell = " / ".join(f"{100 * acc[k]:.1f}" if k in acc else "–" for k in ("float", "ours", "qs"))
 
         def rc_time(key: str, row: dict[str, Any] = r) -> str:
@@ -173,9 +193,24 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"ONNX Runtime {result['ort']}, {result['cpu']}; batch 1, 1 thread, medians of {result['rounds']} "
-        "interleaved rounds (thread CPU time). Accuracy: CIFAR-10 subset test split after "
+        f"ONNX Runtime {result['ort']} (ORT_ENABLE_ALL), {result['cpu']}; batch 1, 1 thread, medians of "
+        f"{result['rounds']} interleaved rounds, a fresh session per file and round (thread CPU time). Accuracy: CIFAR-10 subset test split after "
         f"{result['epochs']} training epoch(s) from random weights. Command: `{result['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def search_markdown(result: dict[str, Any]) -> str:
+    lines = ["| model | features | prune | darts |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [
+            f"rc {r[k]['rc']}, {r[k]['s']:.0f} s" + (f" ({r[k]['error']})" if r[k]["error"] else "")
+            for k in ("prune", "darts")
+        ]
+        lines.append(f"| {r['model']} | {r['features']} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        f"One epoch each after {result['epochs']} training epoch(s). Command: `{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -185,10 +220,12 @@ def main() -> None:
     if not DATA.is_file():
         sys.exit(f"the real CIFAR-10 subset is needed at {DATA}")
     logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if args.search_only else 2)  # search rows leave a core to timed rows
     if args.quick:
         args.epochs, args.rounds = 1, 7
     names = args.only or [n for n, m in ZOO.items() if not (args.quick and m.slow)]
+    if args.search_only:
+        names = [n for n in names if n in args.prune]
     data = load_data(f"npz:{DATA}", seed=args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_zoo_") as tmp:
@@ -215,9 +252,11 @@ def main() -> None:
     }
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "zoo.json").write_text(json.dumps(result, indent=2))
-    (results / "zoo.md").write_text(markdown(result))
-    print(markdown(result))
+    stem = "zoo_search" if args.search_only else "zoo"
+    table = search_markdown(result) if args.search_only else markdown(result)
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (results / f"{stem}.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
