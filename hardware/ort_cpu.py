@@ -134,6 +134,7 @@ class OrtCpuTarget(Target):
         rounds: int = 5,
         max_seconds: float | None = None,
         fallback_shape: tuple[int, ...] | None = None,
+        optimization: MeasuredLevel = "all",
     ) -> dict[str, list[Timing]]:
         """Every model timed once per round (:meth:`time_model`, at most ``max_seconds``, by default
         the target's), ``rounds``
@@ -149,7 +150,11 @@ class OrtCpuTarget(Target):
             for key, model in models.items():
                 timings[key].append(
                     self.time_model(
-                        model, batch=batch, max_seconds=max_seconds, fallback_shape=fallback_shape
+                        model,
+                        batch=batch,
+                        max_seconds=max_seconds,
+                        fallback_shape=fallback_shape,
+                        optimization=optimization,
                     )
                 )
         return timings
