@@ -144,6 +144,7 @@ def fold_batchnorms(ir: IR) -> FoldStats:
     gm = ir.gm
     ir.propagate()  # output ranks tell a Linear + BatchNorm1d on (N, F) from one on (N, L, F)
     stats = FoldStats()
+    folded_state: set[int] = set()  # ids of the parameters and buffers of deleted BatchNorms
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -173,11 +174,32 @@ def fold_batchnorms(ir: IR) -> FoldStats:
         gm.graph.erase_node(node)
         if _module_users(gm).get(str(node.target), 0) == 0:
             gm.delete_submodule(str(node.target))
+            folded_state.update(id(t) for t in (*bn.parameters(), *bn.buffers()))
         stats.folded += 1
+    _drop_shared_copies(gm, folded_state)
     gm.graph.lint()
     gm.recompile()
     ir.propagate()
     return stats
+
+
+def _drop_shared_copies(gm: fx.GraphModule, folded_state: set[int]) -> None:
+    """Remove the folded BatchNorms' tensors from modules that still hold them but no node calls.
+
+    A traced-through norm layer (timm's ``BatchNormAct2d``, :mod:`ir.canonical`) becomes a
+    ``BatchNorm`` child sharing its parent's scale, shift and statistics; once that child is folded
+    and deleted, the parent (still a container of called children) would keep them, unused but
+    counted in the model's parameters and size.
+    """
+    called = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for path, module in gm.named_modules():
+        if path in called:
+            continue
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(module, kind)
+            for attr in [a for a, t in table.items() if t is not None and id(t) in folded_state]:
+                if f"{path}.{attr}".lstrip(".") not in called:
+                    del table[attr]
 
 
 class FoldBatchNorm(Pass):

@@ -89,3 +89,16 @@ def test_fold_bn_folds_the_converted_norms() -> None:
     assert bn_nodes(ir) == 0, stats
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(ir.gm(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_folding_leaves_no_copy_of_the_norm_parameters_behind() -> None:
+    # bn1.bn shares bn1's tensors; once it is folded, bn1 must not keep them as dead weight
+    model = randomize_bn(NormActNet()).eval()
+    ir = IR.from_module(model, (1, 3, 16, 16))
+    ir.gm.eval()
+    x = torch.randn(4, 3, 16, 16)
+    fold_batchnorms(ir)
+    torch.testing.assert_close(ir.gm(x), model(x), rtol=1e-5, atol=1e-5)
+    # by hand: conv1 3·8·9 + 8 folded biases, conv2 8·9 + 8, head 8·10 + 10
+    assert ir.param_count() == 216 + 8 + 72 + 8 + 80 + 10
+    assert sum(b.numel() for b in ir.gm.buffers()) == 0  # the running statistics went with them
