@@ -179,3 +179,40 @@ def test_search_passes_run_and_meet_a_budget(
     latency = report["budget"]["latency"]
     assert latency["met"] and 0 < latency["measured"] <= latency["limit"]
     assert (tmp_path / passes / "model.onnx").is_file()
+
+
+def int8_size_bytes(model: torch.nn.Module) -> int:
+    """Uniform 8-bit size counted by hand: one byte per Conv/Linear weight, a 32-bit bias per
+    output channel (every conv has one once BatchNorm is folded in)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    weights = sum(m.weight.numel() for m in layers)
+    channels = sum(m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in layers)
+    return weights + 4 * channels
+
+
+@pytest.mark.parametrize(
+    "name", rows([*DEFAULT_ROWS, "timm_mobilenetv2_050", "timm_vit_tiny", "hf_mobilenet_v2"])
+)
+def test_bit_width_searches_run_and_meet_their_budgets(
+    name: str, tmp_path: Path, cifar_npz: Path, zoo_dir: Path
+) -> None:
+    path = saved(name, zoo_dir)
+    common = ["--epochs", "1", "--data-limit", "256", "--budget", "latency=10s"]
+    rc, report, err = optimize(
+        path, tmp_path / "dfq", "quantize", cifar_npz, *common,
+        "--set", "quantize.method=dfq", "--set", "quantize.search_epochs=1",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert report["budget"]["latency"]["met"]
+    assert report["quantization"]["size_kb"] < report["quantization"]["float_size_kb"]
+
+    rc, report, err = optimize(
+        path, tmp_path / "haq", "quantize", cifar_npz, *common,
+        "--set", "quantize.method=haq", "--set", "quantize.episodes=3", "--set", "quantize.haq_warmup=2",
+        "--set", "quantize.size_ratio=0.5",
+    )  # fmt: skip
+    assert rc == 0, err
+    size = report["budget"]["size"]
+    assert size["limit"] == pytest.approx(0.5 * int8_size_bytes(torch.load(path, weights_only=False)))
+    assert size["met"] and size["measured"] <= size["limit"]
+    assert report["budget"]["latency"]["met"] and (tmp_path / "haq" / "model.onnx").is_file()
