@@ -17,6 +17,7 @@ of α over the epochs and of the discovered cells.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,11 @@ class DartsOptions:
         "candidate ops on relaxed edges: conv_KxK (the node's own conv with a KxK kernel, K odd) "
         "and the DARTS ops (" + ",".join(PRIMITIVES) + "); depthwise nodes get no op with a dense conv",
         default_factory=lambda: list(RELAX_OPS),
+    )
+    bn_recalibration_batches: int = option(
+        20,
+        "after discretizing, re-estimate BatchNorm statistics on this many training batches (the kept "
+        "op's output no longer carries its mixture weight; see training.batchnorm_stats); 0: off",
     )
     plots: bool = option(True, "write darts_alphas.png and, for cells, darts_normal.png / darts_reduce.png")
     channels_last: bool = option(
@@ -201,6 +207,7 @@ class Darts(Pass):
             label: dict(zip(n, h)) for label, n, h in zip(labels, names, result.alpha_history[-1])
         }
         decisions = discretize(ir)
+        recalibrated = self._recalibrate_batchnorm(ir, opts, ctx)
         ir.gm.train(False)
 
         if genotype is not None:
@@ -231,6 +238,7 @@ class Darts(Pass):
                 "relaxed_nodes": relaxed,
                 "genotype": genotype.as_dict() if genotype is not None else None,
                 "decisions": decisions,
+                "bn_recalibration_batches": recalibrated,
                 "mixture_weights": final_weights,
                 "history": result.history,
                 "epoch_seconds": [round(t, 3) for t in result.epoch_seconds],
@@ -265,6 +273,19 @@ class Darts(Pass):
             raise BadInputError("darts.kinds needs at least one of depthwise, pointwise, dense, other")
         if min(opts.w_lr, opts.arch_lr) <= 0:
             raise BadInputError("darts.w_lr and darts.arch_lr must be positive")
+
+    @staticmethod
+    def _recalibrate_batchnorm(ir: IR, opts: DartsOptions, ctx: Context) -> int:
+        """BatchNorm statistics of the discretized graph, from ``bn_recalibration_batches`` batches."""
+        if opts.bn_recalibration_batches <= 0 or ctx.data is None:
+            return 0
+        from fxsculpt.training.batchnorm_stats import recalibrate_batchnorm
+        from fxsculpt.training.loop import make_loader
+
+        loader = make_loader(ctx.data.train, opts.batch_size, True, ctx.generator("darts.bn"))
+        inputs = (x for x, _ in itertools.islice(loader, opts.bn_recalibration_batches))
+        with torch_threads(ctx.threads):
+            return recalibrate_batchnorm(ir.gm, inputs, ctx.device)
 
     @staticmethod
     def _splits(opts: DartsOptions, ctx: Context) -> tuple[Any, Any]:
