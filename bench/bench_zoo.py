@@ -13,10 +13,12 @@ definitions, random initial weights): train briefly on the real CIFAR-10 subset,
 and measure the three files with the ``ort-cpu`` target (ONNX Runtime CPU, ``ORT_ENABLE_ALL`` as
 a deployed session runs, batch 1, 1 thread, the thread's CPU time) in interleaved rounds, each
 round a fresh session per file: int8 ÷ float and ours ÷ quantize_static are ratios of medians
-from the same run. Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune``
-models also get ``--passes prune`` and ``--passes darts`` rows (exit code, seconds).
+from the same run, and the float file is timed twice so that float ÷ float shows the run's noise
+floor (a file the pass handed over as float can read a percent or two "slower" than itself).
+Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune`` models also get
+``--passes prune`` and ``--passes darts`` rows (exit code, seconds).
 
-    python bench/bench_zoo.py                   # every model (~40 min on 2 idle cores)
+    python bench/bench_zoo.py                   # every model (~45 min on 2 idle cores)
     python bench/bench_zoo.py --quick           # the fast rows, fewer rounds
     python bench/bench_zoo.py --only tv_resnet18 hf_vit
     python bench/bench_zoo.py --search-only --prune tv_resnet18 hf_vit   # prune/darts rows alone
@@ -148,8 +150,11 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
     paths = {"float": float_onnx, "qs": qs}
     if rc == 0:
         paths["ours"] = tmp / f"{name}_int8" / "model.onnx"
-    ms = median_of_rounds(OrtCpuTarget(threads=1).time_interleaved(paths, batch=1, rounds=args.rounds))
+    # the float file a second time: the ratio of a file to itself is this run's noise floor
+    timed = {**paths, "float_again": float_onnx}
+    ms = median_of_rounds(OrtCpuTarget(threads=1).time_interleaved(timed, batch=1, rounds=args.rounds))
     row["latency_ms"] = {k: round(v, 4) for k, v in ms.items()}
+    row["float_over_float"] = round(ms["float_again"] / ms["float"], 3)
     x, y = data.test.tensors
     row["accuracy"] = {k: round(onnx_accuracy(p, x, y), 4) for k, p in paths.items()}
     row["qs_file_bytes"] = qs.stat().st_size
@@ -170,9 +175,10 @@ def search_rows(name: str, path: Path, tmp: Path, row: dict[str, Any]) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| model | features | float diff | int8 rc | agreement | int8 max diff | int8÷float | ours÷qs "
+        "| model | features | float diff | int8 rc | agreement | int8 max diff | int8÷float | float÷float "
+        "| ours÷qs "
         "| acc float / ours / qs | kept float | quantize s | export s | prune | darts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         i8, acc = r.get("int8", {}), r.get("accuracy", {})
@@ -187,7 +193,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['features']} | {r.get('float', {}).get('max_abs_diff', float('nan')):.1e} "
             f"| {i8.get('rc', '–')} | {i8.get('agreement') or 0:.3f} | {i8.get('max_abs_diff') or 0:.2e} "
-            f"| {r.get('int8_over_float', float('nan')):.2f} | {r.get('ours_over_qs', float('nan')):.2f} "
+            f"| {r.get('int8_over_float', float('nan')):.2f} | {r.get('float_over_float', float('nan')):.2f} "
+            f"| {r.get('ours_over_qs', float('nan')):.2f} "
             f"| {acc_cell} | {kept} | {i8.get('pass_s', {}).get('quantize', '')} "
             f"| {i8.get('pass_s', {}).get('export', '')} | {rc_time('prune')} | {rc_time('darts')} |"
         )
