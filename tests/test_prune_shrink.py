@@ -197,3 +197,78 @@ def test_pruned_model_exports_to_onnx_and_matches_onnx_runtime(tmp_path):
     expected = outputs_of(ir.gm, x)[0].numpy()
     assert got.shape == expected.shape
     assert abs(got - expected).max() < 1e-4
+
+
+class PositionEmbeddingNet(nn.Module):
+    """A ViT-style stem: patch conv plus a learned position embedding, then one residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.pos = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.patch(x) + self.pos
+        x = x + self.block(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_parameter_added_to_the_input_path_is_not_a_residual_branch():
+    ir = IR.from_module(PositionEmbeddingNet().eval(), (1, 3, 8, 8))
+    names = gate_branches(ir)
+    # Hand count: only `x + block(x)` adds two input-dependent tensors; gating the patch conv
+    # would let the search cut the input off and leave the (batch-1) position embedding.
+    assert len(names) == 1
+    gate = next(iter(ir.construct_nodes(Gate)))
+    assert gate.args[0].target == "block.1"
+
+
+def test_a_zero_branch_beside_a_parameter_keeps_the_batch():
+    model = PositionEmbeddingNet().eval()
+    ir = IR.from_module(model, (1, 3, 8, 8))
+    graph = ir.gm.graph
+    patch = next(n for n in graph.nodes if n.target == "patch")
+    ir.gm.add_submodule("zero_patch", Gate())
+    ir.gm.get_submodule("zero_patch").lam.data.zero_()
+    with graph.inserting_after(patch):
+        gate = graph.call_module("zero_patch", (patch,))
+    patch.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+    ir.gm.recompile()
+    ir.propagate()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = outputs_of(ir.gm, x)[0]
+    shrink(ir)
+    got = outputs_of(ir.gm, x)[0]
+    # The add of a zero tensor and the position embedding is the embedding broadcast over the batch.
+    assert got.shape == (3, 5)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+class TokenLinearNet(nn.Module):
+    """A Linear over the last axis of a 3-D tensor whose dim 1 (here 4 channels of a Conv1d) is not its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 1)
+        self.gate = Gate(groups=4, channels=4)
+        self.tokens = nn.Linear(8, 6)
+        self.fc = nn.Linear(4 * 6, 5)
+
+    def forward(self, x):
+        y = self.tokens(torch.relu(self.gate(self.conv(x))))
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_zero_masks_of_another_axis_say_nothing_about_a_linear():
+    from fxsculpt.nas.dso.channels import analyze
+
+    model = TokenLinearNet().eval()
+    model.gate.lam.data.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    ir = IR.from_module(model, (1, 3, 8))
+    ana = analyze(ir)  # a 4-entry mask reaching a Linear with 8 input features
+    by_target = {str(n.target): n for n in ir.gm.graph.nodes if n.op == "call_module"}
+    assert ana.zero[by_target["gate"]].tolist() == [True, False, False, False]
+    # the Linear's bias makes channel 0 of its output nonzero: no mask may claim otherwise
+    assert not bool(ana.zero.get(by_target["tokens"], torch.zeros(4, dtype=torch.bool)).any())

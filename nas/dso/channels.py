@@ -195,6 +195,19 @@ def node_inputs(node: fx.Node) -> list[fx.Node]:
     return found
 
 
+def input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from a graph input: the tensors that carry the batch dimension.
+
+    Shapes are propagated at batch 1, so a parameter broadcast into an add (a ViT's position
+    embedding) looks like the add's own shape; only these nodes can stand in for the add.
+    """
+    found: set[fx.Node] = set()
+    for node in graph.nodes:  # topological order
+        if node.op == "placeholder" or any(n in found for n in node_inputs(node)):
+            found.add(node)
+    return found
+
+
 # -- the analysis ----------------------------------------------------------------------------
 
 
@@ -441,6 +454,12 @@ def bn_shift(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     return (beta - mean * gamma / torch.sqrt(var + bn.eps)).detach()
 
 
+def _in_features(module: nn.Module) -> int:
+    """Input channels of a Conv/Linear: its weight's second dimension times its groups."""
+    assert isinstance(module.weight, torch.Tensor)
+    return int(module.weight.shape[1]) * int(getattr(module, "groups", 1))
+
+
 def _layer_zero_outputs(module: nn.Module, zero_in: torch.Tensor) -> torch.Tensor:
     """Output channels of a Conv/Linear that are zero given which input channels are zero."""
     assert isinstance(module.weight, torch.Tensor)
@@ -493,7 +512,12 @@ def zero_masks(ir: IR, ana: ChannelAnalysis) -> dict[fx.Node, torch.Tensor]:
             # Zero in eval mode (the shift) and in training mode (β: a zero channel normalizes to β).
             beta = module.bias.detach().cpu() if module.bias is not None else torch.zeros(c)
             out = m_in & (bn_shift(module).cpu() == 0) & (beta == 0)
-        elif kind in ("conv", "grouped_conv", "linear") and m_in is not None and module is not None:
+        elif (
+            kind in ("conv", "grouped_conv", "linear")
+            and m_in is not None
+            and module is not None
+            and m_in.numel() == _in_features(module)
+        ):  # a mask of another axis (a ViT's tokens before a transpose) says nothing here
             out = _layer_zero_outputs(module, m_in)
         elif kind == "add":
             operands = node_inputs(node)

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from fxsculpt.ir.constructs import Gate
 from fxsculpt.ir.graph import IR
-from fxsculpt.nas.dso.channels import analyze, node_inputs
+from fxsculpt.nas.dso.channels import analyze, input_dependent, node_inputs
 from fxsculpt.nas.dso.shrink import rewire_all_but
 
 GATE_ROOT = "dso_gates"
@@ -65,10 +65,11 @@ def gate_branches(ir: IR) -> list[str]:
     gm = ir.gm
     names: list[str] = []
     adds = [n for n in gm.graph.nodes if _is_add(n)]
+    from_input = input_dependent(gm.graph)
     for add in adds:
         operands = [a for a in add.args if isinstance(a, fx.Node)]
-        if len(operands) < 2:
-            continue
+        if len(operands) < 2 or sum(o in from_input for o in operands) < 2:
+            continue  # a residual adds a branch to a skip, both computed from the input
         shapes = {getattr(o.meta.get("sculpt"), "shape", None) for o in operands}
         if len(shapes) != 1 or None in shapes:
             continue

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from fxsculpt.ir.constructs import Gate
 from fxsculpt.ir.graph import IR
-from fxsculpt.nas.dso.channels import ChannelAnalysis, analyze, fully_zero, node_inputs
+from fxsculpt.nas.dso.channels import ChannelAnalysis, analyze, fully_zero, input_dependent, node_inputs
 
 
 def zeros_batch(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,6 +74,7 @@ def remove_zero_branches(ir: IR) -> ShrinkReport:
     report = ShrinkReport()
     ana = analyze(ir)
     graph = ir.gm.graph
+    from_input = input_dependent(graph)
     for node in list(graph.nodes):
         if ana.kinds.get(node) != "add" or not ana.has_channels(node):
             continue
@@ -83,7 +84,13 @@ def remove_zero_branches(ir: IR) -> ShrinkReport:
         shape = ana.channels[node]
         zero_ops = [o for o in operands if fully_zero(ana, o)]
         live = [o for o in operands if o not in zero_ops]
-        if zero_ops and len(live) == 1 and ana.channels.get(live[0]) == shape and _same_shape(live[0], node):
+        if (
+            zero_ops
+            and len(live) == 1
+            and live[0] in from_input  # a parameter alone would drop the batch dimension
+            and ana.channels.get(live[0]) == shape
+            and _same_shape(live[0], node)
+        ):
             node.replace_all_uses_with(live[0])
             report.branches += 1
     placeholder = _first_placeholder(ir.gm)
