@@ -20,7 +20,7 @@ from fxsculpt.ir.constructs import Choice
 from fxsculpt.ir.graph import IR
 from fxsculpt.nas.darts.mixed import MixedOp, conv_merge_group
 from fxsculpt.nas.darts.ops import Pool
-from fxsculpt.nas.darts.relax import build_conv_like, relax
+from fxsculpt.nas.darts.relax import RELAX_OPS, build_conv_like, candidates_for, relax
 from fxsculpt.nas.darts.search import SearchSettings, search
 from fxsculpt.passes.base import Context, TrainSettings
 from fxsculpt.passes.darts import DartsOptions, torch_threads
@@ -124,6 +124,22 @@ def test_conv_like_keeps_the_nodes_output_size() -> None:
     x = torch.randn(1, 4, 9, 9)
     assert wide(x).shape == valid(x).shape
     assert like(x).shape == dilated(x).shape
+
+
+def test_a_patch_embedding_offers_odd_kernels_at_its_stride() -> None:
+    # A ViT's 4x4 stride-4 patch conv on 32 px: 8x8 patches. Hand count with out = (32 + 2p - K) // 4 + 1:
+    # K=3 needs p=0 (29 // 4 + 1 = 8), K=5 needs p=1 (29 // 4 + 1 = 8; p=0 gives 7).
+    patch = nn.Conv2d(3, 16, 4, stride=4)
+    ops, names = candidates_for(patch, (1, 3, 32, 32), (1, 16, 8, 8), RELAX_OPS, allow_none=False)
+    by_name = dict(zip(names, ops))
+    assert {"conv_3x3", "conv_5x5"} <= set(names)
+    assert by_name["conv_3x3"].padding == (0, 0) and by_name["conv_5x5"].padding == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    assert by_name["conv_5x5"](x).shape == patch(x).shape
+    # at stride 1 an odd growth changes the size: the shape check drops the op
+    same = nn.Conv2d(3, 16, 4, padding="same")
+    _, names = candidates_for(same, (1, 3, 9, 9), (1, 16, 9, 9), RELAX_OPS, allow_none=False)
+    assert "conv_3x3" not in names and "conv_5x5" not in names
 
 
 @pytest.mark.parametrize(

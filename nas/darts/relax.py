@@ -9,7 +9,8 @@ leads from the input to the output, e.g. a residual branch beside a shortcut).
 
 Candidates are the DARTS ops (:data:`~nas.darts.ops.PRIMITIVES`) and ``conv_KxK``: the node's
 own convolution with a K×K kernel (same channels, groups, stride, dilation and bias; padding
-grown so the output size stays), so a depthwise node offers depthwise kernel sizes and a dense
+grown so the output size stays: by half the kernel growth, rounded up where a strided conv
+such as a ViT's 4×4 patch embedding floors the odd remainder away), so a depthwise node offers depthwise kernel sizes and a dense
 node dense ones. The default (:data:`RELAX_OPS`) is a kernel-size choice plus skip and zero;
 the DARTS ops are ReLU-conv-BN stacks with dense pointwise convolutions, which on a
 MobileNet-style model cost about 20× the model itself. Whatever is asked for, a depthwise node
@@ -78,8 +79,10 @@ def build_conv_like(module: nn.Module, kernel: int, c_in: int, c_out: int, strid
     """``conv_KxK`` for the node running ``module``: its own convolution with a K×K kernel.
 
     For a Conv2d: same channels, groups, stride, dilation, bias and padding mode, the padding
-    grown (or shrunk) by dilation·(K − k)/2 per side so that the output size is unchanged;
-    ``None`` where that is not a whole number. For any other module: a dense "same" conv.
+    grown (or shrunk) by dilation·(K − k)/2 per side so that the output size is unchanged. An
+    odd growth is rounded up: a strided conv's output size floors the extra row away, while at
+    stride 1 the size changes and the caller's shape check drops the op. ``None`` where the
+    padding would be negative. For any other module: a dense "same" conv.
     """
     if not isinstance(module, nn.Conv2d):
         return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
@@ -94,10 +97,10 @@ def build_conv_like(module: nn.Module, kernel: int, c_in: int, c_out: int, strid
         base = tuple(module.padding)
     padding = []
     for p, k, d in zip(base, module.kernel_size, module.dilation):
-        grow = d * (kernel - k)
-        if grow % 2 or p + grow // 2 < 0:
+        pad = p - (-d * (kernel - k) // 2)  # p + ceil(growth / 2)
+        if pad < 0:
             return None
-        padding.append(p + grow // 2)
+        padding.append(pad)
     return nn.Conv2d(
         module.in_channels,
         module.out_channels,
