@@ -168,15 +168,7 @@ class Quantize(Pass):
         weight_bits = {n: (opts.first_last_bits if n in edge else opts.bits) for n in quantized}
         placing = self._places_float_layers(ctx)
         float_ir = ir.clone() if placing and opts.float_fallback == "measured" else None
-        qi.insert_quantizers(
-            ir,
-            weight_bits,
-            opts.act_bits,
-            per_channel=opts.weight_granularity == "channel",
-            keep_float=keep,
-            quantize_output=opts.quantize_output,
-            reduce_range=reduce_range,
-        )
+        self._insert_quantizers(ir, weight_bits, keep, reduce_range)
         placement = self._place(ir, ctx, keep) if placing else None
 
         history: list[dict[str, float]] = []
@@ -355,14 +347,13 @@ class Quantize(Pass):
             )
         return summary
 
-    def _quantize_every_layer(
-        self, float_ir: IR, weight_bits: dict[str, int], keep: set[str], reduce_range: bool, ctx: Context
-    ) -> IR:
-        """``float_ir`` with every layer but ``keep`` quantized and calibrated: the placement's rival."""
+    def _insert_quantizers(
+        self, ir: IR, weight_bits: dict[str, int], keep: set[str], reduce_range: bool
+    ) -> None:
+        """Fake quantizers on the layers of ``weight_bits`` and their inputs, as the options say."""
         opts: QuantizeOptions = self.options
-        candidate = float_ir.clone()
         qi.insert_quantizers(
-            candidate,
+            ir,
             weight_bits,
             opts.act_bits,
             per_channel=opts.weight_granularity == "channel",
@@ -370,6 +361,13 @@ class Quantize(Pass):
             quantize_output=opts.quantize_output,
             reduce_range=reduce_range,
         )
+
+    def _quantize_every_layer(
+        self, float_ir: IR, weight_bits: dict[str, int], keep: set[str], reduce_range: bool, ctx: Context
+    ) -> IR:
+        """``float_ir`` with every layer but ``keep`` quantized and calibrated: the placement's rival."""
+        candidate = float_ir.clone()
+        self._insert_quantizers(candidate, weight_bits, keep, reduce_range)
         self._calibrate(candidate, ctx)
         qi.freeze(candidate)
         candidate.gm.recompile()
