@@ -63,7 +63,8 @@ def measurement_session(
 ) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads, one inter-op thread, sequential execution.
 
-    ``optimization`` is the graph optimization level (see the module docstring); ``profile_prefix`` turns ONNX Runtime's profiler on (JSON written at ``end_profiling``);
+    ``optimization`` is the graph optimization level (see the module docstring);
+    ``profile_prefix`` turns ONNX Runtime's profiler on (JSON written at ``end_profiling``);
     ``optimized_model_path`` saves the graph ORT actually runs (used to see which nodes fused).
     """
     if threads < 1:

@@ -18,8 +18,10 @@ from torch import nn
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> int:
     """Replace the running mean/var of every BatchNorm of ``model`` with their exact averages over
-    ``batches`` (inputs only; no gradient, no weight changes, every other layer in eval mode). Returns the batches used; the model
-    is left in eval mode and each BatchNorm's momentum as it was."""
+    ``batches`` (inputs only; no gradient, no weight changes, every other layer in eval mode).
+
+    Returns the batches used; the model is left in eval mode and each BatchNorm's momentum as it was.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
