@@ -12,9 +12,10 @@ definitions, random initial weights): train briefly on the real CIFAR-10 subset,
 
 and measure the three files with the ``ort-cpu`` target (ONNX Runtime CPU, ``ORT_ENABLE_ALL`` as
 a deployed session runs, batch 1, 1 thread, the thread's CPU time) in interleaved rounds, each
-round a fresh session per file: int8 ÷ float and ours ÷ quantize_static are ratios of medians
-from the same run, and the float file is timed twice so that float ÷ float shows the run's noise
-floor (a file the pass handed over as float can read a percent or two "slower" than itself).
+round a fresh session per file: int8 ÷ float and ours ÷ quantize_static are medians of the
+per-round ratios (files timed moments apart, so the machine's drift between rounds cancels), and
+the float file is timed twice so that float ÷ float shows the run's noise floor (a file the pass
+handed over as float can read a few percent "slower" than itself).
 Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune`` models also get
 ``--passes prune`` and ``--passes darts`` rows (exit code, seconds).
 
@@ -22,6 +23,7 @@ Accuracy is top-1 on the test split, computed by ONNX Runtime. ``--prune`` model
     python bench/bench_zoo.py --quick           # the fast rows, fewer rounds
     python bench/bench_zoo.py --only tv_resnet18 hf_vit
     python bench/bench_zoo.py --search-only --prune tv_resnet18 hf_vit   # prune/darts rows alone
+    python bench/bench_zoo.py --search-only --prune hf_vit --merge   # rerun rows of the last table
 
 Writes ``bench/results/zoo.json`` and ``bench/results/zoo.md``.
 """
@@ -52,7 +54,7 @@ from bench_quantize import onnx_accuracy, ort_quantize_static  # noqa: E402
 import cli  # noqa: E402
 from examples.third_party import ZOO, build, missing_package  # noqa: E402
 from fxsculpt.hardware.ort_cpu import OrtCpuTarget  # noqa: E402
-from fxsculpt.hardware.runtime import median_of_rounds  # noqa: E402
+from fxsculpt.hardware.runtime import median_of_rounds, paired_ratios  # noqa: E402
 from fxsculpt.passes.base import TrainSettings  # noqa: E402
 from fxsculpt.training.data import load_data  # noqa: E402
 from fxsculpt.training.loop import train_model  # noqa: E402
@@ -74,6 +76,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="only the prune/darts rows of the --prune models (written to zoo_search.json/.md), so "
         "they can run beside the timed rows",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace these models' rows in the existing results file instead of writing a new one "
+        "(its commands list says which run made which rows)",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -152,15 +160,16 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
         paths["ours"] = tmp / f"{name}_int8" / "model.onnx"
     # the float file a second time: the ratio of a file to itself is this run's noise floor
     timed = {**paths, "float_again": float_onnx}
-    ms = median_of_rounds(OrtCpuTarget(threads=1).time_interleaved(timed, batch=1, rounds=args.rounds))
-    row["latency_ms"] = {k: round(v, 4) for k, v in ms.items()}
-    row["float_over_float"] = round(ms["float_again"] / ms["float"], 3)
+    timings = OrtCpuTarget(threads=1).time_interleaved(timed, batch=1, rounds=args.rounds)
+    row["latency_ms"] = {k: round(v, 4) for k, v in median_of_rounds(timings).items()}
+    over_float = paired_ratios(timings, "float")
+    row["float_over_float"] = round(over_float["float_again"], 3)
     x, y = data.test.tensors
     row["accuracy"] = {k: round(onnx_accuracy(p, x, y), 4) for k, p in paths.items()}
     row["qs_file_bytes"] = qs.stat().st_size
-    if "ours" in ms:
-        row["int8_over_float"] = round(ms["ours"] / ms["float"], 3)
-        row["ours_over_qs"] = round(ms["ours"] / ms["qs"], 3)
+    if "ours" in timings:
+        row["int8_over_float"] = round(over_float["ours"], 3)
+        row["ours_over_qs"] = round(paired_ratios(timings, "qs")["ours"], 3)
     if name in args.prune:
         search_rows(name, path, tmp, row)
     return row
@@ -200,8 +209,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"ONNX Runtime {result['ort']} (ORT_ENABLE_ALL), {result['cpu']}; batch 1, 1 thread, medians of "
-        f"{result['rounds']} interleaved rounds, a fresh session per file and round (thread CPU time). Accuracy: CIFAR-10 subset test split after "
+        f"ONNX Runtime {result['ort']} (ORT_ENABLE_ALL), {result['cpu']}; batch 1, 1 thread, ratios are "
+        f"medians of per-round ratios over {result['rounds']} interleaved rounds, a fresh session per file "
+        "and round (thread CPU time). Accuracy: CIFAR-10 subset test split after "
         f"{result['epochs']} training epoch(s) from random weights. Command: `{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -220,6 +230,19 @@ def search_markdown(result: dict[str, Any]) -> str:
         f"One epoch each after {result['epochs']} training epoch(s). Command: `{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def merged(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """``result``'s rows put in place of the same models' rows of the results at ``path``."""
+    if not path.is_file():
+        return result
+    old = json.loads(path.read_text())
+    if (old.get("epochs"), old.get("rounds")) != (result["epochs"], result["rounds"]):
+        sys.exit(f"--merge: {path} was made with other --epochs/--rounds; rerun every row instead")
+    new = {row["model"]: row for row in result["rows"]}
+    rows = [new.pop(row["model"], row) for row in old["rows"]] + list(new.values())
+    commands = [*old.get("commands", [old["command"]]), result["command"]]
+    return {**result, "rows": rows, "commands": commands, "command": " ; ".join(commands)}
 
 
 def main() -> None:
@@ -260,6 +283,8 @@ def main() -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     stem = "zoo_search" if args.search_only else "zoo"
+    if args.merge:
+        result = merged(results / f"{stem}.json", result)
     table = search_markdown(result) if args.search_only else markdown(result)
     (results / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (results / f"{stem}.md").write_text(table)

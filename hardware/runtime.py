@@ -179,6 +179,20 @@ def median_of_rounds(timings: Mapping[str, Sequence[Timing]]) -> dict[str, float
     return {key: statistics.median(t.median_ms for t in rounds) for key, rounds in timings.items()}
 
 
+def paired_ratios(timings: Mapping[str, Sequence[Timing]], baseline: str) -> dict[str, float]:
+    """Per model, the median over interleaved rounds of its round median ÷ ``baseline``'s in that round.
+
+    On a shared machine the speed drifts from round to round (seen here: the same file 0.30 ms in one
+    round, 0.43 ms a few rounds later); a ratio taken within each round, where the two files ran
+    moments apart, cancels the drift that a ratio of two medians over all rounds keeps.
+    """
+    base = [t.median_ms for t in timings[baseline]]
+    return {
+        key: statistics.median(t.median_ms / b for t, b in zip(rounds, base, strict=True))
+        for key, rounds in timings.items()
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-quantile (0..1) with linear interpolation, as ``numpy.percentile`` does."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q * 100.0))

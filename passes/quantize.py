@@ -377,10 +377,11 @@ class Quantize(Pass):
 
     def _time_candidates(self, candidates: dict[str, IR], ctx: Context) -> dict[str, Any]:
         """Export every candidate model to a scratch folder, time them in interleaved rounds on the
-        target (at the optimization level a deployed session runs) and name the fastest."""
+        target (at the optimization level a deployed session runs) and name the fastest: the lowest
+        median of its per-round time ÷ the float file's (:func:`hardware.runtime.paired_ratios`)."""
         import tempfile
 
-        from fxsculpt.hardware.runtime import median_of_rounds
+        from fxsculpt.hardware.runtime import median_of_rounds, paired_ratios
         from fxsculpt.quant.export import export_quantized
         from fxsculpt.quant.haq.run import measured_target
 
@@ -392,11 +393,14 @@ class Quantize(Pass):
                 key: export_quantized(c.gm, example, Path(tmp) / f"{key}.onnx", dynamic_batch=False)
                 for key, c in candidates.items()
             }
-            ms = median_of_rounds(target.time_interleaved(paths, batch=1, rounds=rounds))
+            timings = target.time_interleaved(paths, batch=1, rounds=rounds)
+        ms = median_of_rounds(timings)
+        ratio = paired_ratios(timings, "float")
         return {
             "ms": {key: round(value, 4) for key, value in ms.items()},
+            "over_float": {key: round(value, 4) for key, value in ratio.items()},
             "rounds": rounds,
-            "chosen": min(ms, key=lambda key: ms[key]),
+            "chosen": min(ratio, key=lambda key: (ratio[key], key != "float")),  # a tie keeps float
         }
 
     def _finetune_lr(self, ctx: Context) -> float:

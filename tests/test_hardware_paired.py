@@ -107,3 +107,18 @@ def test_haq_meter_times_its_files_in_interleaved_rounds(tmp_path: Path) -> None
         "reference": 2.0,
     }
     assert asked == [(["policy", "reference"], 3)]
+
+
+def test_paired_ratios_cancel_a_drift_that_the_ratio_of_medians_keeps():
+    # The machine slows down after round 1; b is 10% slower than a in every round.
+    a = [1.0, 2.0, 2.0, 2.0, 1.0]
+    b = [1.1, 2.2, 2.2, 2.2, 1.1]
+    c = [0.9, 2.4, 2.4, 2.4, 0.9]  # faster than a only in the fast rounds
+    timings = {k: [_timing(ms) for ms in v] for k, v in {"a": a, "b": b, "c": c}.items()}
+    ratios = runtime.paired_ratios(timings, "a")
+    # hand count: b/a is 1.1 in each round; c/a per round is 0.9, 1.2, 1.2, 1.2, 0.9 (median 1.2)
+    assert ratios["a"] == 1.0
+    assert math.isclose(ratios["b"], 1.1)
+    assert math.isclose(ratios["c"], 1.2)
+    with pytest.raises(ValueError):  # rounds must pair up
+        runtime.paired_ratios({"a": timings["a"], "d": timings["b"][:3]}, "a")
