@@ -396,12 +396,17 @@ class Quantize(Pass):
             timings = target.time_interleaved(paths, batch=1, rounds=rounds)
         ms = median_of_rounds(timings)
         ratio = paired_ratios(timings, "float")
-        return {
+        excluded = _over_static_budget(candidates, ctx.budget)
+        eligible = [key for key in ratio if key not in excluded] or ["placed"]
+        section: dict[str, Any] = {
             "ms": {key: round(value, 4) for key, value in ms.items()},
             "over_float": {key: round(value, 4) for key, value in ratio.items()},
             "rounds": rounds,
-            "chosen": min(ratio, key=lambda key: (ratio[key], key != "float")),  # a tie keeps float
+            "chosen": min(eligible, key=lambda key: (ratio[key], key != "float")),  # a tie keeps float
         }
+        if excluded:
+            section["excluded"] = excluded
+        return section
 
     def _finetune_lr(self, ctx: Context) -> float:
         opts: QuantizeOptions = self.options
@@ -421,6 +426,30 @@ class Quantize(Pass):
             ctx.logger.warning("quantize: no --data given; calibrating activations on random inputs")
             batches = [ir.example_input(batch=16, seed=ctx.seed + i) for i in range(opts.calib_batches)]
         qi.calibrate(ir, batches, opts.calibration, opts.percentile)
+
+
+def _over_static_budget(candidates: dict[str, IR], budget: Any) -> dict[str, str]:
+    """The candidates that miss a size or BitOps limit of ``budget`` (counted on the IR, as the
+    hardware pass counts them), with the reason: the whole-model choice may not hand them over, however
+    fast they run."""
+    limits = budget.limits() if budget is not None else {}
+    static = {key: limit for key, limit in limits.items() if key in ("size", "bitops")}
+    if not static:
+        return {}
+    from fxsculpt.hardware.counts import count_model
+
+    excluded: dict[str, str] = {}
+    for key, candidate in candidates.items():
+        counts = count_model(candidate)
+        measured = {"size": counts.size_bytes, "bitops": counts.bitops}
+        over = [
+            f"{name} {measured[name]:g} > {limit:g}"
+            for name, limit in static.items()
+            if measured[name] > limit
+        ]
+        if over:
+            excluded[key] = "misses the budget: " + ", ".join(over)
+    return excluded
 
 
 def format_bits_table(rows: list[dict[str, Any]]) -> str:

@@ -115,7 +115,9 @@ def test_latency_ratio_limit_is_the_ratio_of_the_measured_8bit_file(
     assert latency["source"] == "quantize.latency_ratio=1.5"
     # the independent reference: a uniform 8-bit model quantized, exported and timed on its own
     uniform_ctx, uniform_out = _context(tmp_path / "uniform", data)
-    uniform = Quantize(method="uniform", bits=8, act_bits=8).run(ir.clone(), uniform_ctx)
+    uniform = Quantize(method="uniform", bits=8, act_bits=8, float_fallback="off").run(
+        ir.clone(), uniform_ctx
+    )
     uniform_out.discard()
     path = tmp_path / "uniform8.onnx"
     export_onnx(uniform.gm.eval(), uniform.example_input(batch=2, seed=0), path)

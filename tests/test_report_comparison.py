@@ -75,6 +75,11 @@ def test_cli_prints_and_reports_the_before_after_table(tmp_path: Path, capsys) -
     assert exported["size_bytes"] == report["budget"]["size"]["measured"] < 400_000
     assert exported["latency_ms"] == report["hardware"]["latency_ms_median"] > 0
     assert ref["latency_ms"] > 0 and comparison["target"] == "ort-cpu"
+    # the whole-model choice may not hand over the float file, however fast, when it misses the size budget
+    whole_model = report["quantization"]["placement"]["whole_model"]
+    assert whole_model["chosen"] != "float" and whole_model["excluded"]["float"].startswith(
+        "misses the budget: size"
+    )
 
     data = load_data("digits", seed=0, limit=400)
     x, y = data.test.tensors[0].numpy(), data.test.tensors[1].numpy()
