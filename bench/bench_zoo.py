@@ -191,11 +191,12 @@ def search_rows(name: str, path: Path, tmp: Path, row: dict[str, Any]) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    searched = any("prune" in r for r in result["rows"])  # else the rows are in zoo_search.md
     lines = [
         "| model | features | float diff | int8 rc | agreement | int8 max diff | int8÷float | float÷float "
-        "| ours÷qs "
-        "| acc float / ours / qs | kept float | quantize s | export s | prune | darts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours÷qs | acc float / ours / qs | kept float | quantize s | export s |"
+        + (" prune | darts |" if searched else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if searched else ""),
     ]
     for r in result["rows"]:
         i8, acc = r.get("int8", {}), r.get("accuracy", {})
@@ -216,7 +217,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {int8_over_float} | {r.get('float_over_float', float('nan')):.2f} "
             f"| {r.get('ours_over_qs', float('nan')):.2f} "
             f"| {acc_cell} | {kept} | {i8.get('pass_s', {}).get('quantize', '')} "
-            f"| {i8.get('pass_s', {}).get('export', '')} | {rc_time('prune')} | {rc_time('darts')} |"
+            f"| {i8.get('pass_s', {}).get('export', '')} |"
+            + (f" {rc_time('prune')} | {rc_time('darts')} |" if searched else "")
         )
     lines += [
         "",
