@@ -65,6 +65,12 @@ class QuantizeOptions(HaqOptions):
     quantize_output: bool = option(
         False, "also quantize the model's output (lets ORT use QGemm for the last Linear; rounds the logits)"
     )
+    integer_elementwise: bool = option(
+        True,
+        "8-bit activations: also quantize sigmoid outputs and products of two activations (a SiLU becomes "
+        "x*sigmoid(x), a squeeze-excite gate stays a product), so that ONNX Runtime runs them as "
+        "QLinearSigmoid/QLinearMul instead of converting to float and back around each",
+    )
     percentile: float = option(99.99, "percentile of |x| used by calibration=percentile")
     calib_batches: int = option(8, "training batches used to calibrate activation scales")
     keep_float: list[str] = option(
@@ -360,6 +366,7 @@ class Quantize(Pass):
             keep_float=keep,
             quantize_output=opts.quantize_output,
             reduce_range=reduce_range,
+            elementwise=opts.integer_elementwise and opts.act_bits == 8,
         )
 
     def _quantize_every_layer(

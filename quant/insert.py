@@ -36,6 +36,10 @@ RELU_FUNCTIONS: tuple[Any, ...] = (F.relu, torch.relu, F.relu6)
 RELU_METHODS = ("relu", "relu_")
 ADD_FUNCTIONS: tuple[Any, ...] = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
+MUL_FUNCTIONS: tuple[Any, ...] = (operator.mul, operator.imul, torch.mul)
+MUL_METHODS = ("mul", "mul_")
+SIGMOID_FUNCTIONS: tuple[Any, ...] = (torch.sigmoid, F.sigmoid)
+SILU_FUNCTIONS: tuple[Any, ...] = (F.silu,)
 AVG_POOLS: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
     nn.AvgPool2d,
@@ -97,6 +101,60 @@ def is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in ADD_FUNCTIONS
     return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def is_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = _module(gm, node)
+    if module is not None:
+        return isinstance(module, nn.Sigmoid)
+    if node.op == "call_function":
+        return node.target in SIGMOID_FUNCTIONS
+    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+
+
+def is_activation_product(ir: IR, node: fx.Node) -> bool:
+    """A product of two float activations (a SiLU's ``x·sigmoid(x)``, a squeeze-excite gate), not a
+    scaling by a parameter or a constant."""
+    if node.op == "call_function":
+        found = node.target in MUL_FUNCTIONS
+    else:
+        found = node.op == "call_method" and node.target in MUL_METHODS
+    operands = node.args[:2]
+    return (
+        found
+        and len(operands) == 2
+        and all(isinstance(a, fx.Node) and a.op not in ("get_attr", "placeholder") for a in operands)
+        and all(_is_float(ir, a) for a in operands if isinstance(a, fx.Node))
+    )
+
+
+def _is_float(ir: IR, node: fx.Node) -> bool:
+    dtype = ir.meta(node).dtype
+    return dtype is None or dtype.startswith(("float", "bfloat"))
+
+
+def split_silu(ir: IR) -> int:
+    """Rewrite every SiLU (``nn.SiLU``, ``F.silu``) as ``x * sigmoid(x)``, the form whose two ops
+    have integer kernels in ONNX Runtime (QLinearSigmoid, QLinearMul); returns how many."""
+    gm = ir.gm
+    found = [
+        n
+        for n in gm.graph.nodes
+        if isinstance(_module(gm, n), nn.SiLU) or (n.op == "call_function" and n.target in SILU_FUNCTIONS)
+    ]
+    for node in found:
+        x = node.args[0]
+        with gm.graph.inserting_before(node):
+            gate = gm.graph.call_function(torch.sigmoid, (x,))
+            product = gm.graph.call_function(operator.mul, (x, gate))
+        node.replace_all_uses_with(product)
+        gm.graph.erase_node(node)
+    if found:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        ir.propagate()
+    return len(found)
 
 
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -201,12 +259,13 @@ def nonnegative_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return nonneg
 
 
-def activation_sites(ir: IR) -> list[Site]:
+def activation_sites(ir: IR, elementwise: bool = False) -> list[Site]:
     """The nodes whose outputs get an activation quantizer (see the module docstring).
 
     After the model input: every conv/linear output (unless a ReLU-like op is its only consumer,
     which is quantized instead, so the pair fuses), every ReLU-like op, add, concatenation and
-    average pool. Layers whose input is still not quantized after these (it comes from an op with
+    average pool; with ``elementwise`` also every sigmoid (unsigned: its range is [0, 1]) and every
+    product of two activations, so that ONNX Runtime runs them on QLinearSigmoid / QLinearMul. Layers whose input is still not quantized after these (it comes from an op with
     no integer kernel: a sigmoid gate, a hard-swish, a channel shuffle) get one more in
     :func:`insert_quantizers`, so that every quantized layer runs on an integer kernel.
     """
@@ -227,10 +286,12 @@ def activation_sites(ir: IR) -> list[Site]:
             continue  # integer or boolean tensors (position ids, masks) carry no activations
         users = consumers(gm, node)
         only_relu = len(users) == 1 and is_relu_like(gm, users[0])
-        always = is_relu_like(gm, node) or is_avg_pool(gm, node)
+        sigmoid = elementwise and is_sigmoid(gm, node)
+        always = is_relu_like(gm, node) or is_avg_pool(gm, node) or sigmoid
         unless_relu = isinstance(module, (WeightQuantizer, *WRAPPABLE)) or is_add(node) or is_concat(node)
+        unless_relu = unless_relu or (elementwise and is_activation_product(ir, node))
         if always or (unless_relu and not only_relu):
-            sites.append(Site(node, signed=node not in nonneg))
+            sites.append(Site(node, signed=node not in nonneg and not sigmoid))
     return sites
 
 
@@ -267,8 +328,12 @@ def insert_quantizers(
     keep_float: Iterable[str] = (),
     quantize_output: bool = False,
     reduce_range: bool = False,
+    elementwise: bool = False,
 ) -> None:
     """Wrap every layer in ``weight_bits`` (node name → width or ``None``) and add activation nodes.
+
+    ``elementwise`` also quantizes sigmoids and products of activations, SiLUs split into
+    ``x * sigmoid(x)`` first (:func:`split_silu`; see :func:`activation_sites`).
 
     Layers in ``keep_float`` (node names) keep float weights, and the activation quantizers that
     would feed only them, or sit right after them, are left out. Idempotent per layer.
@@ -289,7 +354,9 @@ def insert_quantizers(
             continue
         _wrap(gm, node, weight_bits.get(node.name), per_channel, reduce_range)
     if not act_quantizers(ir):
-        for site in activation_sites(ir):
+        if elementwise:
+            split_silu(ir)
+        for site in activation_sites(ir, elementwise):
             users = list(site.node.users)
             layer_users = {u.name for u in users}
             if site.node.name in keep or (users and layer_users <= keep):

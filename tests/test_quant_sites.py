@@ -76,3 +76,72 @@ def test_onnx_runtime_runs_every_conv_on_an_integer_kernel(tmp_path: Path) -> No
     assert ops["Conv"] + ops["FusedConv"] == 0, ops
     result = parity(ir.gm, path, [torch.randn(32, 3, 16, 16)])
     assert result["agreement"] >= 0.9, result
+
+
+class SiluBlock(nn.Module):
+    """EfficientNet's shapes: SiLU as a module and as a function, a squeeze-excite gate, and a
+    product with a parameter (a layer scale) that is not an activation product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.scale = nn.Parameter(torch.full((1, 8, 1, 1), 0.5))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.stem(x))
+        gate = torch.sigmoid(self.expand(F.silu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        y = self.mix(y * gate) * self.scale
+        return self.head(y.mean((2, 3)))
+
+
+def _elementwise(elementwise: bool) -> tuple[IR, nn.Module]:
+    torch.manual_seed(0)
+    model = SiluBlock().eval()
+    ir = IR.from_module(model, (1, 3, 16, 16), 10)
+    bits = dict.fromkeys((n.name for n in qi.layer_nodes(ir)), 8)
+    qi.insert_quantizers(ir, bits, act_bits=8, elementwise=elementwise)
+    qi.calibrate(ir, [torch.randn(16, 3, 16, 16)])
+    qi.freeze(ir)
+    return ir, model
+
+
+def test_split_silu_computes_what_silu_computes() -> None:
+    torch.manual_seed(0)
+    model = SiluBlock().eval()
+    ir = IR.from_module(model, (1, 3, 16, 16), 10)
+    assert qi.split_silu(ir) == 2  # the module and the function
+    assert not any(isinstance(m, nn.SiLU) for m in ir.gm.modules())
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(ir.gm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_sigmoids_and_activation_products_run_on_integer_kernels(tmp_path: Path) -> None:
+    ir, _ = _elementwise(True)
+    sigmoid_quantizers = [
+        ir.gm.get_submodule(str(u.target))
+        for n in ir.gm.graph.nodes
+        if qi.is_sigmoid(ir.gm, n)
+        for u in n.users
+        if isinstance(qi._module(ir.gm, u), qi.ActQuantizer)
+    ]
+    assert len(sigmoid_quantizers) == 3 and not any(q.signed for q in sigmoid_quantizers)
+    path = export_quantized(ir.gm, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    ops = optimized_op_counts(path)
+    # counted by hand: two SiLUs and the gate's sigmoid; the SiLUs' products and the gate's product.
+    # The layer scale multiplies by a parameter: it stays a float Mul.
+    assert ops["QLinearSigmoid"] == 3 and ops["Sigmoid"] == 0, ops
+    assert ops["QLinearMul"] == 3 and ops["Mul"] == 1, ops
+    result = parity(ir.gm, path, [torch.randn(32, 3, 16, 16)])
+    assert result["agreement"] >= 0.9, result
+
+
+def test_without_elementwise_sigmoids_stay_float(tmp_path: Path) -> None:
+    ir, _ = _elementwise(False)
+    path = export_quantized(ir.gm, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    ops = optimized_op_counts(path)
+    assert ops["QLinearSigmoid"] + ops["QLinearMul"] == 0, ops
