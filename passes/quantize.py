@@ -436,24 +436,19 @@ class Quantize(Pass):
 
 
 def _over_static_budget(candidates: dict[str, IR], budget: Any) -> dict[str, str]:
-    """The candidates that miss a size or BitOps limit of ``budget`` (counted on the IR, as the
-    hardware pass counts them), with the reason: the whole-model choice may not hand them over, however
-    fast they run."""
-    limits = budget.limits() if budget is not None else {}
-    static = {key: limit for key, limit in limits.items() if key in ("size", "bitops")}
-    if not static:
+    """The candidates that miss a size or BitOps limit of ``budget`` (counted on the IR and checked
+    by :meth:`hardware.budget.Budget.check`, as the hardware pass does), with the reason: the
+    whole-model choice may not hand them over, however fast they run."""
+    static = ("size", "bitops")
+    if budget is None or not any(key in static for key in budget.limits()):
         return {}
     from fxsculpt.hardware.counts import count_model
 
     excluded: dict[str, str] = {}
     for key, candidate in candidates.items():
         counts = count_model(candidate)
-        measured = {"size": counts.size_bytes, "bitops": counts.bitops}
-        over = [
-            f"{name} {measured[name]:g} > {limit:g}"
-            for name, limit in static.items()
-            if measured[name] > limit
-        ]
+        checked = budget.check({"size": float(counts.size_bytes), "bitops": float(counts.bitops)})
+        over = [f"{c.name} {c.measured:g} > {c.limit:g}" for c in checked if c.name in static and not c.met]
         if over:
             excluded[key] = "misses the budget: " + ", ".join(over)
     return excluded

@@ -39,6 +39,7 @@ ADD_METHODS = ("add", "add_")
 MUL_FUNCTIONS: tuple[Any, ...] = (operator.mul, operator.imul, torch.mul)
 MUL_METHODS = ("mul", "mul_")
 SIGMOID_FUNCTIONS: tuple[Any, ...] = (torch.sigmoid, F.sigmoid)
+SIGMOID_METHODS = ("sigmoid", "sigmoid_")
 SILU_FUNCTIONS: tuple[Any, ...] = (F.silu,)
 AVG_POOLS: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
@@ -109,7 +110,7 @@ def is_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(module, nn.Sigmoid)
     if node.op == "call_function":
         return node.target in SIGMOID_FUNCTIONS
-    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+    return node.op == "call_method" and node.target in SIGMOID_METHODS
 
 
 def is_activation_product(ir: IR, node: fx.Node) -> bool:
@@ -123,8 +124,10 @@ def is_activation_product(ir: IR, node: fx.Node) -> bool:
     return (
         found
         and len(operands) == 2
-        and all(isinstance(a, fx.Node) and a.op not in ("get_attr", "placeholder") for a in operands)
-        and all(_is_float(ir, a) for a in operands if isinstance(a, fx.Node))
+        and all(
+            isinstance(a, fx.Node) and a.op not in ("get_attr", "placeholder") and _is_float(ir, a)
+            for a in operands
+        )
     )
 
 
@@ -265,7 +268,8 @@ def activation_sites(ir: IR, elementwise: bool = False) -> list[Site]:
     After the model input: every conv/linear output (unless a ReLU-like op is its only consumer,
     which is quantized instead, so the pair fuses), every ReLU-like op, add, concatenation and
     average pool; with ``elementwise`` also every sigmoid (unsigned: its range is [0, 1]) and every
-    product of two activations, so that ONNX Runtime runs them on QLinearSigmoid / QLinearMul. Layers whose input is still not quantized after these (it comes from an op with
+    product of two activations, so that ONNX Runtime runs them on QLinearSigmoid / QLinearMul.
+    Layers whose input is still not quantized after these (it comes from an op with
     no integer kernel: a sigmoid gate, a hard-swish, a channel shuffle) get one more in
     :func:`insert_quantizers`, so that every quantized layer runs on an integer kernel.
     """
@@ -281,8 +285,7 @@ def activation_sites(ir: IR, elementwise: bool = False) -> list[Site]:
         module = _module(gm, node)
         if isinstance(module, ActQuantizer):
             continue
-        dtype = ir.meta(node).dtype
-        if dtype is not None and not dtype.startswith(("float", "bfloat")):
+        if not _is_float(ir, node):
             continue  # integer or boolean tensors (position ids, masks) carry no activations
         users = consumers(gm, node)
         only_relu = len(users) == 1 and is_relu_like(gm, users[0])
