@@ -336,7 +336,8 @@ def _kernel_mismatch(kernels: Any, source: str) -> str:
     if worst is not None and not worst.faithful:
         return (
             f"ONNX Runtime's integer kernels differ from the quantized PyTorch model at {worst.name}: "
-            f"codes off by up to {worst.max_step} on {100 * worst.tie_fraction:.2f}% of values "
+            f"codes off by up to {worst.max_step}, by one on {100 * worst.off_boundary_fraction:.2f}% of "
+            "values away from a half-code boundary "
             f"({kernels.samples} {source} inputs, each layer fed ONNX Runtime's own inputs)"
         )
     return (

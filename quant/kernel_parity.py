@@ -12,9 +12,17 @@ So the check here *teacher-forces* PyTorch with ONNX Runtime's activations. Ever
 QuantizeLinear of the file becomes an extra output; PyTorch runs the same inputs with each of its
 activation quantizers replaced by ONNX Runtime's codes at that point, and each quantizer's own
 codes (computed from ONNX Runtime's inputs) are compared with ONNX Runtime's. A faithful export
-differs by at most one code on at most :data:`MAX_TIE_FRACTION` of the values of any quantizer,
-and the forced model outputs match ONNX Runtime's to float tolerance; a wrong scale, layout,
-zero point or rounding mode shows up at its own layer, by name.
+differs by at most one code anywhere; a one-code step counts as a tie when PyTorch's unrounded
+value lies within :data:`BOUNDARY_TOLERANCE` codes of a half-code boundary, and at most
+:data:`MAX_OFF_BOUNDARY_FRACTION` of any quantizer's values may step away from one; the forced
+model outputs match ONNX Runtime's to float tolerance. A wrong scale, layout or zero point shows
+up at its own layer, by name, as steps away from the boundaries.
+
+Ties are not rare everywhere: where two common input codes combine to within a float rounding
+error of a half code, every such value is a tie. On timm's mobilenetv2_050 (trained 10 epochs) a
+residual QLinearAdd had scale ratios r1, r2 with 6·r1 − 4·r2 = −0.5000015: PyTorch rounds
+127.4999985 to 127, ONNX Runtime's fixed-point QLinearAdd (22-bit multipliers) to 128, on 0.35% of
+that layer's values, all within 1e-5 codes of the boundary.
 
 The extra outputs are added to a copy of the file; ONNX Runtime fuses the same QDQ groups into
 integer kernels around them (a QuantizeLinear output stays available as the fused kernel's output).
@@ -34,8 +42,13 @@ from torch import nn
 
 from fxsculpt.quant.modules import ActQuantizer
 
-#: Largest fraction of one quantizer's codes allowed to differ by one code (float rounding at ties).
-MAX_TIE_FRACTION = 1e-3
+#: A one-code step is a tie when PyTorch's unrounded code is this close to a half-code boundary:
+#: float32 accumulation in PyTorch and ONNX Runtime's requantization (a float32 multiplier, or
+#: QLinearAdd's fixed-point one) can round such values either way.
+BOUNDARY_TOLERANCE = 1e-3
+#: Largest fraction of one quantizer's codes allowed a one-code step away from a half-code boundary
+#: (float32 accumulation error of a long dot product can exceed :data:`BOUNDARY_TOLERANCE`, rarely).
+MAX_OFF_BOUNDARY_FRACTION = 1e-3
 #: Largest code difference allowed anywhere (a tie moves a value by one code, never more).
 MAX_CODE_STEP = 1
 
@@ -47,15 +60,23 @@ class LayerCodes:
     name: str
     values: int = 0
     off_by_one: int = 0
+    #: of ``off_by_one``, the steps where PyTorch's unrounded value was at a half-code boundary
+    at_boundary: int = 0
     max_step: int = 0
 
     @property
     def tie_fraction(self) -> float:
+        """Share of values one code apart, ties at a boundary included."""
         return self.off_by_one / self.values if self.values else 0.0
 
     @property
+    def off_boundary_fraction(self) -> float:
+        """Share of values one code apart although PyTorch's value was not at a half-code boundary."""
+        return (self.off_by_one - self.at_boundary) / self.values if self.values else 0.0
+
+    @property
     def faithful(self) -> bool:
-        return self.max_step <= MAX_CODE_STEP and self.tie_fraction <= MAX_TIE_FRACTION
+        return self.max_step <= MAX_CODE_STEP and self.off_boundary_fraction <= MAX_OFF_BOUNDARY_FRACTION
 
 
 @dataclass
@@ -72,7 +93,11 @@ class KernelParity:
     def worst(self) -> LayerCodes | None:
         unfaithful = [layer for layer in self.layers if not layer.faithful]
         pool = unfaithful or self.layers
-        return max(pool, key=lambda layer: (layer.max_step, layer.tie_fraction)) if pool else None
+        return (
+            max(pool, key=lambda layer: (layer.max_step, layer.off_boundary_fraction, layer.tie_fraction))
+            if pool
+            else None
+        )
 
     @property
     def holds(self) -> bool:
@@ -82,32 +107,42 @@ class KernelParity:
         worst = self.worst
         return {
             "rule": (
-                f"teacher-forced per quantizer: codes differ by <= {MAX_CODE_STEP} on <= "
-                f"{MAX_TIE_FRACTION:g} of values; forced outputs within tolerance"
+                f"teacher-forced per quantizer: codes differ by <= {MAX_CODE_STEP}, and by one on <= "
+                f"{MAX_OFF_BOUNDARY_FRACTION:g} of values away from a half-code boundary (within "
+                f"{BOUNDARY_TOLERANCE:g} codes: a tie); forced outputs within tolerance"
             ),
             "quantizers": len(self.layers),
             "values_compared": sum(layer.values for layer in self.layers),
             "off_by_one": sum(layer.off_by_one for layer in self.layers),
+            "off_by_one_at_boundary": sum(layer.at_boundary for layer in self.layers),
             "max_code_step": max((layer.max_step for layer in self.layers), default=0),
             "worst_quantizer": None
             if worst is None
-            else {"name": worst.name, "max_step": worst.max_step, "tie_fraction": worst.tie_fraction},
+            else {
+                "name": worst.name,
+                "max_step": worst.max_step,
+                "tie_fraction": worst.tie_fraction,
+                "off_boundary_fraction": worst.off_boundary_fraction,
+            },
             "forced_max_abs_diff": self.forced_max_abs_diff,
             "tolerance": self.tolerance,
             "holds": self.holds,
         }
 
 
-def _module_of(node: Any) -> str | None:
-    """The fx module path an exported node came from (torch's ``name_scopes`` metadata)."""
+def _scopes_of(node: Any) -> list[str]:
+    """The module scopes an exported node came from, outermost first (torch's ``name_scopes``).
+
+    The exporter may or may not put a wrapper's ``''`` scope first, so callers look the module up
+    in the list rather than at a fixed position.
+    """
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
-                scopes = ast.literal_eval(prop.value)
+                return [str(scope) for scope in ast.literal_eval(prop.value)]
             except (ValueError, SyntaxError):
-                return None
-            return str(scopes[1]) if len(scopes) > 2 else None
-    return None
+                return []
+    return []
 
 
 def activation_quantize_nodes(model: Any, quantizers: set[str]) -> dict[str, Any]:
@@ -117,8 +152,8 @@ def activation_quantize_nodes(model: Any, quantizers: set[str]) -> dict[str, Any
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in constants:
             continue
-        owner = _module_of(node)
-        if owner in quantizers:
+        owner = next((scope for scope in _scopes_of(node) if scope in quantizers), None)
+        if owner is not None:
             found.setdefault(owner, []).append(node)
     return {name: nodes[0] for name, nodes in found.items() if len(nodes) == 1}
 
@@ -217,15 +252,18 @@ def _forced_outputs(
     from fxsculpt.ir.verify import outputs_of
 
     def force(name: str) -> Any:
-        def hook(module: ActQuantizer, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        def hook(module: ActQuantizer, inputs: Any, out: torch.Tensor) -> torch.Tensor:
             theirs = ort_codes[name]
             ours = torch.round(out.detach().double() / module.scale).cpu().numpy().astype(np.int64)
             if ours.shape != theirs.shape:
                 raise ValueError(f"{name}: ONNX Runtime codes of shape {theirs.shape}, PyTorch {ours.shape}")
             step = np.abs(ours - theirs)
+            unrounded = (inputs[0].detach().double() / module.scale).cpu().numpy()
+            at_boundary = np.abs(unrounded - np.floor(unrounded) - 0.5) <= BOUNDARY_TOLERANCE
             record = stats[name]
             record.values += int(step.size)
             record.off_by_one += int((step == 1).sum())
+            record.at_boundary += int(((step == 1) & at_boundary).sum())
             record.max_step = max(record.max_step, int(step.max()) if step.size else 0)
             return torch.from_numpy(theirs.astype(np.float64) * module.scale).to(out.dtype).to(out.device)
 
