@@ -71,6 +71,12 @@ class QuantizeOptions(HaqOptions):
         "x*sigmoid(x), a squeeze-excite gate stays a product), so that ONNX Runtime runs them as "
         "QLinearSigmoid/QLinearMul instead of converting to float and back around each",
     )
+    activation_range: Literal["affine", "symmetric"] = option(
+        "affine",
+        "signed 8-bit activations calibrated by min/max: affine codes over [min, max] with a calibrated "
+        "zero point (as quantize_static; a SiLU or hard-swish output keeps nearly 8 bits), or symmetric "
+        "codes around zero (zero point 128); other calibrations and narrower activations are symmetric",
+    )
     percentile: float = option(99.99, "percentile of |x| used by calibration=percentile")
     calib_batches: int = option(8, "training batches used to calibrate activation scales")
     keep_float: list[str] = option(
@@ -367,6 +373,7 @@ class Quantize(Pass):
             quantize_output=opts.quantize_output,
             reduce_range=reduce_range,
             elementwise=opts.integer_elementwise and opts.act_bits == 8,
+            affine=opts.activation_range == "affine",
         )
 
     def _quantize_every_layer(

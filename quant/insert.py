@@ -332,6 +332,7 @@ def insert_quantizers(
     quantize_output: bool = False,
     reduce_range: bool = False,
     elementwise: bool = False,
+    affine: bool = False,
 ) -> None:
     """Wrap every layer in ``weight_bits`` (node name → width or ``None``) and add activation nodes.
 
@@ -349,6 +350,9 @@ def insert_quantizers(
 
     ``reduce_range`` gives 8-bit weights the codes ±63 (see :class:`WeightQuantizer`): needed on
     targets whose int8 kernels saturate (:meth:`hardware.targets.Target.int8_dot_saturates`).
+
+    ``affine`` gives signed activation quantizers affine 8-bit codes over their calibrated
+    ``[min, max]`` (see :class:`ActQuantizer`) instead of symmetric ones.
     """
     gm = ir.gm
     keep = set(keep_float)
@@ -367,21 +371,21 @@ def insert_quantizers(
             if not quantize_output and any(u.op == "output" for u in users):
                 continue
             name = _free_name(gm, f"{site.node.name}_aq")
-            gm.add_submodule(name, ActQuantizer(act_bits, signed=site.signed))
+            gm.add_submodule(name, ActQuantizer(act_bits, signed=site.signed, affine=affine))
             anchor = site.node
             if anchor.op == "placeholder":
                 anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
             with gm.graph.inserting_after(anchor):
                 new = gm.graph.call_module(name, (site.node,))
             site.node.replace_all_uses_with(new, delete_user_cb=_not(new))
-        _quantize_layer_inputs(ir, act_bits, keep)
+        _quantize_layer_inputs(ir, act_bits, keep, affine)
     gm.graph.lint()
     gm.recompile()
     ir.propagate()
     update_meta(ir)
 
 
-def _quantize_layer_inputs(ir: IR, act_bits: int | None, keep: set[str]) -> None:
+def _quantize_layer_inputs(ir: IR, act_bits: int | None, keep: set[str], affine: bool = False) -> None:
     """An activation quantizer in front of every quantized layer whose input is still float.
 
     Its input then comes from an op without an integer kernel of its own (sigmoid gates, hard-swish,
@@ -397,7 +401,7 @@ def _quantize_layer_inputs(ir: IR, act_bits: int | None, keep: set[str]) -> None
         if _quantizer_of(ir, feed) is not None or feed.op == "placeholder":
             continue
         name = _free_name(gm, f"{feed.name}_aq")
-        gm.add_submodule(name, ActQuantizer(act_bits, signed=feed not in nonneg))
+        gm.add_submodule(name, ActQuantizer(act_bits, signed=feed not in nonneg, affine=affine))
         with gm.graph.inserting_after(feed):
             new = gm.graph.call_module(name, (feed,))
         feed.replace_all_uses_with(new, delete_user_cb=_not_output(new))

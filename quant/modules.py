@@ -37,17 +37,27 @@ WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class ActQuantizer(Quantizer):
     """Per-tensor activation fake quantization at ``bits`` (``None``: identity).
 
-    ``signed`` picks symmetric codes around zero; otherwise the codes cover ``[0, t]``. The scale
-    is set by :meth:`calibrate` from values seen while ``observing`` is on (the forward is then the
-    identity). Scale, signedness and bits are kept in the module's extra state.
+    ``signed`` picks symmetric codes around zero; otherwise the codes cover ``[0, t]``. With
+    ``affine`` a signed quantizer calibrated by min/max at 8 bits instead spreads its 256 codes over
+    ``[min(lo, 0), max(hi, 0)]`` with a zero point from calibration, as ``quantize_static`` does: a
+    SiLU or hard-swish output (lo ≈ −0.3, hi ≫ 1) keeps nearly all 8 bits, where symmetric codes
+    spend half of them on negatives it never reaches. The scale (and zero point) is set by
+    :meth:`calibrate` from values seen while ``observing`` is on (the forward is then the identity);
+    they are kept in the module's extra state with signedness and bits.
     """
 
     role = "activation"
 
-    def __init__(self, bits: int | None = 8, signed: bool = False, sample_cap: int = 16384) -> None:
+    def __init__(
+        self, bits: int | None = 8, signed: bool = False, sample_cap: int = 16384, affine: bool = False
+    ) -> None:
         super().__init__(None if bits is None else fq.check_bits(bits))
         self.signed = signed
+        self.affine = affine
         self.scale = 1.0
+        #: the uint8 code of 0.0: 128 (signed) or 0 (unsigned) unless an affine calibration moved it
+        self.zero_point = 128 if signed else 0
+        self.low = 0.0
         self.calibrated = False
         self.observing = False
         self.sample_cap = sample_cap
@@ -59,14 +69,19 @@ class ActQuantizer(Quantizer):
         """Forget earlier observations and record what the following forwards see."""
         self.observing = True
         self.peak = 0.0
+        self.low = 0.0
         self._samples = []
 
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten().float()
         if not flat.numel():
             return
-        mags = flat.abs() if self.signed else flat.clamp_min(0)
-        self.peak = max(self.peak, float(mags.max()))
+        if self.affine:  # the two ends apart: the top and the bottom of the range
+            self.peak = max(self.peak, float(flat.max()))
+            self.low = min(self.low, float(flat.min()))
+        else:
+            mags = flat.abs() if self.signed else flat.clamp_min(0)
+            self.peak = max(self.peak, float(mags.max()))
         step = max(1, -(-flat.numel() // self.sample_cap))
         self._samples.append(flat[::step].cpu())
 
@@ -81,6 +96,12 @@ class ActQuantizer(Quantizer):
         self.observing = False
         if self.bits is None:
             return 0.0
+        if method == "minmax" and self.affine and self.signed and self.bits == 8:
+            self.set_range(self.low, self.peak)
+            self._samples = []
+            return self.peak
+        if self.affine:  # the other methods are symmetric: they need the largest magnitude
+            self.peak = max(self.peak, -self.low)
         if method == "minmax":
             t = self.peak  # exact, not from the subsample
         else:
@@ -93,6 +114,14 @@ class ActQuantizer(Quantizer):
         """Scale so that ``t`` is the largest positive grid point."""
         assert self.bits is not None
         self.scale = max(float(t), fq.EPS) / fq.positive_levels(self.bits, self.signed)
+        self.zero_point = 128 if self.signed else 0
+        self.calibrated = True
+
+    def set_range(self, low: float, high: float) -> None:
+        """Affine 8-bit codes: 0..255 over ``[min(low, 0), max(high, 0)]``, 0.0 exactly on a code."""
+        low, high = min(float(low), 0.0), max(float(high), 0.0)
+        self.scale = max(high - low, fq.EPS) / 255
+        self.zero_point = int(min(255, max(0, round(-low / self.scale))))
         self.calibrated = True
 
     # -- forward ------------------------------------------------------------------------
@@ -102,17 +131,30 @@ class ActQuantizer(Quantizer):
             return x
         if self.bits is None:
             return x
+        if self.signed and self.zero_point != 128:  # an affine range (8 bits only)
+            return fq.fake_quant_per_tensor(x, self.scale, self.zero_point, 0, 255)
         return fq.activation_fake_quant(x, self.scale, self.bits, self.signed)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"bits": self.bits, "signed": self.signed, "scale": self.scale, "calibrated": self.calibrated}
+        return {
+            "bits": self.bits,
+            "signed": self.signed,
+            "scale": self.scale,
+            "calibrated": self.calibrated,
+            "affine": self.affine,
+            "zero_point": self.zero_point,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bits, self.signed = state["bits"], state["signed"]
         self.scale, self.calibrated = float(state["scale"]), bool(state["calibrated"])
+        self.affine = bool(state.get("affine", False))
+        self.zero_point = int(state.get("zero_point", 128 if self.signed else 0))
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
+        if self.signed and self.zero_point != 128:
+            kind = f"affine, zero point {self.zero_point}"
         return f"bits={self.bits}, {kind}, scale={self.scale:.4g}"
 
 

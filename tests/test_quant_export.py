@@ -346,3 +346,44 @@ def test_the_float_boundary_is_an_exact_identity_and_follows_the_bits(trained) -
     assert not any(isinstance(m, FloatBoundary) for m in ir.gm.modules())
     node = next(n for n in ir.gm.graph.nodes if n.name == "conv2")
     assert qi.input_quantizer(ir, node) is not None
+
+
+class HardSwishNet(nn.Module):
+    """conv → hard-swish twice, pool, linear: signed activations whose minimum is about −0.375."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.act1 = nn.Hardswish()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.act2 = nn.Hardswish()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))), 1))
+
+
+def test_affine_activations_export_their_zero_points_and_run_the_quantized_model(tmp_path: Path) -> None:
+    """The calibrated zero points reach the file, and ONNX Runtime's kernels compute the same model."""
+    from fxsculpt.quant.kernel_parity import _zero_point, activation_quantize_nodes, kernel_parity
+
+    torch.manual_seed(0)
+    ir = IR.from_module(HardSwishNet().eval(), (1, 3, 8, 8), 10)
+    qi.insert_quantizers(ir, {"conv1": 8, "conv2": 8, "fc": 8}, act_bits=8, affine=True)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qi.calibrate(ir, [x], "minmax")
+    qi.freeze(ir)
+    quantizers = qi.act_quantizers(ir)
+    moved = {name: q.zero_point for name, q in quantizers.items() if q.signed and q.zero_point != 128}
+    assert len(moved) >= 2  # the hard-swish outputs (and the input) got their own zero points
+    path = qe.export_quantized(ir.gm, x[:2], tmp_path / "affine.onnx")
+    model = onnx.load(str(path))
+    in_file = {
+        name: _zero_point(model, node)[1]
+        for name, node in activation_quantize_nodes(model, set(moved)).items()
+    }
+    assert in_file == moved
+    assert qe.optimized_op_counts(path)["QLinearConv"] == 2
+    parity = kernel_parity(ir.gm, path, [x], atol=1e-4)
+    assert parity is not None and parity.holds, parity.summary()

@@ -126,3 +126,37 @@ def test_bad_bits_are_refused() -> None:
     for bits in (1, 9, 16):
         with pytest.raises(ValueError):
             fq.quant_range(bits, True)
+
+
+def test_affine_act_quantizer_spreads_its_codes_over_min_max() -> None:
+    """A SiLU-like range [-0.3, 5]: 256 codes from min to max, 0.0 on a code (hand-computed zero point)."""
+    q = ActQuantizer(bits=8, signed=True, affine=True)
+    q.start_observing()
+    x = torch.linspace(-0.3, 5.0, 1000)
+    q(x)
+    q.calibrate("minmax")
+    assert q.scale == pytest.approx(5.3 / 255)
+    assert q.zero_point == round(0.3 / (5.3 / 255)) == 14
+    expected = np_fake_quant(x.numpy(), q.scale, 0, 255, zp=14)
+    np.testing.assert_allclose(q(x).numpy(), expected, atol=1e-6)
+    assert float(q(torch.zeros(1))) == 0.0
+    # half the step of symmetric codes (2·5/255), so at most about half the rounding error
+    symmetric = ActQuantizer(bits=8, signed=True)
+    symmetric.start_observing()
+    symmetric(x)
+    symmetric.calibrate("minmax")
+    assert (q(x) - x).abs().max() <= q.scale / 2 + 1e-6 < (symmetric(x) - x).abs().max()
+    # the range survives a state-dict round trip
+    copy = ActQuantizer(bits=8, signed=True)
+    copy.set_extra_state(q.get_extra_state())
+    assert (copy.scale, copy.zero_point) == (q.scale, q.zero_point)
+
+
+def test_affine_act_quantizer_is_symmetric_below_8_bits_and_for_other_calibrations() -> None:
+    for bits, method in ((4, "minmax"), (8, "percentile")):
+        q = ActQuantizer(bits=bits, signed=True, affine=True)
+        q.start_observing()
+        q(torch.linspace(-0.3, 5.0, 1000))
+        q.calibrate(method, percentile=100.0)
+        assert q.zero_point == 128
+        assert q.scale == pytest.approx(5.0 / fq.positive_levels(bits, True), rel=1e-3)
