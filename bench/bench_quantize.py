@@ -120,12 +120,14 @@ def ort_quantize_static(float_onnx: Path, out: Path, calib: list[np.ndarray]) ->
     return out
 
 
-def onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+def onnx_predictions(path: Path, x: torch.Tensor) -> np.ndarray:
+    """ONNX Runtime's top-1 class of every image of ``x`` (batches of 128)."""
     sess = qe.session(path)
-    correct = 0
-    for i in range(0, len(x), 128):
-        correct += int((qe.run_session(sess, x[i : i + 128]).argmax(1) == y[i : i + 128].numpy()).sum())
-    return correct / len(x)
+    return np.concatenate([qe.run_session(sess, x[i : i + 128]).argmax(1) for i in range(0, len(x), 128)])
+
+
+def onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((onnx_predictions(path, x) == y.numpy()).mean())
 
 
 def latencies(paths: dict[str, Path], rounds: int) -> dict[str, dict[str, float]]:

@@ -245,13 +245,19 @@ def search_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merged(path: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """``result``'s rows put in place of the same models' rows of the results at ``path``."""
+def merged(
+    path: Path, result: dict[str, Any], settings: tuple[str, ...] = ("epochs", "rounds")
+) -> dict[str, Any]:
+    """``result``'s rows put in place of the same models' rows of the results at ``path``.
+
+    Refused (exit) where the old results were made with other ``settings``.
+    """
     if not path.is_file():
         return result
     old = json.loads(path.read_text())
-    if (old.get("epochs"), old.get("rounds")) != (result["epochs"], result["rounds"]):
-        sys.exit(f"--merge: {path} was made with other --epochs/--rounds; rerun every row instead")
+    if any(old.get(key) != result.get(key) for key in settings):
+        flags = "/".join(f"--{key}" for key in settings)
+        sys.exit(f"--merge: {path} was made with other {flags}; rerun every row instead")
     new = {row["model"]: row for row in result["rows"]}
     rows = [new.pop(row["model"], row) for row in old["rows"]] + list(new.values())
     commands = [*old.get("commands", [old["command"]]), result["command"]]
