@@ -120,16 +120,22 @@ def kept_float(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     ]
 
 
-def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name, "package": ZOO[name].package, "features": ZOO[name].features}
-    model = build(name, args.seed)
+def trained_and_saved(name: str, tmp: Path, data: Any, epochs: int, seed: int) -> tuple[Path, float]:
+    """The zoo model ``name`` trained ``epochs`` on ``data``, saved whole at ``tmp/name.pt``; training seconds."""
+    model = build(name, seed)
     start = time.perf_counter()
-    settings = TrainSettings(epochs=args.epochs, batch_size=64, lr=0.02, progress=False)
-    train_model(model, data.train, settings, "cpu", torch.Generator().manual_seed(args.seed), desc=name)
-    row["train_s"] = round(time.perf_counter() - start, 1)
+    settings = TrainSettings(epochs=epochs, batch_size=64, lr=0.02, progress=False)
+    train_model(model, data.train, settings, "cpu", torch.Generator().manual_seed(seed), desc=name)
+    seconds = round(time.perf_counter() - start, 1)
     model.eval()
     path = tmp / f"{name}.pt"
     torch.save(model, path)
+    return path, seconds
+
+
+def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "package": ZOO[name].package, "features": ZOO[name].features}
+    path, row["train_s"] = trained_and_saved(name, tmp, data, args.epochs, args.seed)
 
     if args.search_only:
         search_rows(name, path, tmp, row)

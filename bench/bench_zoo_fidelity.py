@@ -34,7 +34,6 @@ import logging
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,8 @@ sys.path.insert(0, str(HERE))
 import bench_zoo as zoo  # noqa: E402
 from bench_quantize import onnx_predictions, ort_quantize_static  # noqa: E402
 
-from examples.third_party import ZOO, build, missing_package  # noqa: E402
-from fxsculpt.passes.base import TrainSettings  # noqa: E402
+from examples.third_party import ZOO, missing_package  # noqa: E402
 from fxsculpt.training.data import load_data  # noqa: E402
-from fxsculpt.training.loop import train_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,14 +86,7 @@ def quantized_run(path: Path, out: Path, samples: int, *extra: str) -> dict[str,
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "features": ZOO[name].features}
-    model = build(name, args.seed)
-    start = time.perf_counter()
-    settings = TrainSettings(epochs=args.epochs, batch_size=64, lr=0.02, progress=False)
-    train_model(model, data.train, settings, "cpu", torch.Generator().manual_seed(args.seed), desc=name)
-    row["train_s"] = round(time.perf_counter() - start, 1)
-    model.eval()
-    path = tmp / f"{name}.pt"
-    torch.save(model, path)
+    path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed)
     x, y = data.test.tensors
 
     rc, _, _, err = zoo.run_cli(zoo.optimize(path, tmp / f"{name}_float", "fold_bn"))
