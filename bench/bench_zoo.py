@@ -133,6 +133,12 @@ def trained_and_saved(name: str, tmp: Path, data: Any, epochs: int, seed: int) -
     return path, seconds
 
 
+def quantize_static_file(float_onnx: Path, out: Path, data: Any) -> Path:
+    """``quantize_static`` of ``float_onnx``, calibrated on the first 512 training images (8 batches)."""
+    calib = [data.train.tensors[0][i : i + 64].numpy() for i in range(0, 512, 64)]
+    return ort_quantize_static(float_onnx, out, calib)
+
+
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "package": ZOO[name].package, "features": ZOO[name].features}
     path, row["train_s"] = trained_and_saved(name, tmp, data, args.epochs, args.seed)
@@ -159,8 +165,7 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
         "kept_float": kept_float(report),
         "pass_s": pass_seconds(report),
     }
-    calib = [data.train.tensors[0][i : i + 64].numpy() for i in range(0, 512, 64)]
-    qs = ort_quantize_static(float_onnx, tmp / f"{name}_qs.onnx", calib)
+    qs = quantize_static_file(float_onnx, tmp / f"{name}_qs.onnx", data)
     paths = {"float": float_onnx, "qs": qs}
     ours = tmp / f"{name}_int8" / "model.onnx"
     # The pass hands over the float file itself where it measured fastest: the same bytes run at

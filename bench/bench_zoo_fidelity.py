@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_zoo as zoo  # noqa: E402
-from bench_quantize import onnx_predictions, ort_quantize_static  # noqa: E402
+from bench_quantize import onnx_predictions  # noqa: E402
 
 from examples.third_party import ZOO, missing_package  # noqa: E402
 from fxsculpt.training.data import load_data  # noqa: E402
@@ -102,8 +102,7 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
     row["shipped_is_float_file"] = (
         "shipped" in files and files["shipped"].read_bytes() == files["float"].read_bytes()
     )
-    calib = [data.train.tensors[0][i : i + 64].numpy() for i in range(0, 512, 64)]
-    files["qs"] = ort_quantize_static(files["float"], tmp / f"{name}_qs.onnx", calib)
+    files["qs"] = zoo.quantize_static_file(files["float"], tmp / f"{name}_qs.onnx", data)
 
     predicted = {key: onnx_predictions(p, x) for key, p in files.items()}
     truth = y.numpy()

@@ -53,7 +53,7 @@ class ActQuantizer(Quantizer):
     ) -> None:
         super().__init__(None if bits is None else fq.check_bits(bits))
         self.signed = signed
-        self.affine = affine
+        self.affine = affine and signed  # unsigned codes already span [0, max]
         self.scale = 1.0
         #: the uint8 code of 0.0: 128 (signed) or 0 (unsigned) unless an affine calibration moved it
         self.zero_point = 128 if signed else 0
@@ -96,7 +96,7 @@ class ActQuantizer(Quantizer):
         self.observing = False
         if self.bits is None:
             return 0.0
-        if method == "minmax" and self.affine and self.signed and self.bits == 8:
+        if method == "minmax" and self.affine and self.bits == 8:
             self.set_range(self.low, self.peak)
             self._samples = []
             return self.peak
