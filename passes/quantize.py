@@ -77,6 +77,13 @@ class QuantizeOptions(HaqOptions):
         "zero point (as quantize_static; a SiLU or hard-swish output keeps nearly 8 bits), or symmetric "
         "codes around zero (zero point 128); other calibrations and narrower activations are symmetric",
     )
+    bias_correction: Literal["auto", "on", "off"] = option(
+        "auto",
+        "without fine-tuning: shift each quantized layer's bias so that its mean output per channel on "
+        "the calibration images is the float model's (empirical bias correction, Nagel et al. 2019); "
+        "auto: on where a layer has weights below 8 bits (8-bit per-channel weights leave no mean shift "
+        "worth the pass: bench/results/bias_correction.md)",
+    )
     percentile: float = option(99.99, "percentile of |x| used by calibration=percentile")
     calib_batches: int = option(8, "training batches used to calibrate activation scales")
     keep_float: list[str] = option(
@@ -180,6 +187,9 @@ class Quantize(Pass):
         weight_bits = {n: (opts.first_last_bits if n in edge else opts.bits) for n in quantized}
         placing = self._places_float_layers(ctx)
         float_ir = ir.clone() if placing and opts.float_fallback == "measured" else None
+        epochs = opts.finetune_epochs if opts.finetune_epochs >= 0 else (1 if opts.method == "dfq" else 0)
+        correcting = self._corrects_biases(weight_bits, epochs, ctx)
+        float_reference = (float_ir or ir.clone()) if correcting else None
         self._insert_quantizers(ir, weight_bits, keep, reduce_range)
         placement = self._place(ir, ctx, keep) if placing else None
 
@@ -245,7 +255,7 @@ class Quantize(Pass):
             qi.update_meta(ir)
 
         self._calibrate(ir, ctx)
-        epochs = opts.finetune_epochs if opts.finetune_epochs >= 0 else (1 if opts.method == "dfq" else 0)
+        corrections = self._correct_biases(ir, float_reference, ctx)
         if epochs and ctx.data is not None:
             from fxsculpt.training.loop import train_model
 
@@ -274,7 +284,7 @@ class Quantize(Pass):
             candidates = {"placed": ir, "float": float_ir}
             if placement is not None and placement["float_layers"] and not epochs:
                 candidates["all_int8"] = self._quantize_every_layer(
-                    float_ir, weight_bits, keep, reduce_range, ctx
+                    float_ir, weight_bits, keep, reduce_range, ctx, correct=correcting
                 )
             whole_model = self._time_candidates(candidates, ctx)
             chosen = whole_model["chosen"]
@@ -322,6 +332,8 @@ class Quantize(Pass):
             elif whole_model["chosen"] == "all_int8":
                 float_layers = [row for row in float_layers if row["reason"] == "quantize.keep_float"]
         section["float_layers"] = float_layers
+        if corrections is not None:
+            section["bias_correction"] = corrections
         if opts.method == "dfq":
             section["dfq"] = {**multiplier_info, "history": history, "chosen_bits": chosen_bits}
         ctx.section("quantization", section)
@@ -377,12 +389,21 @@ class Quantize(Pass):
         )
 
     def _quantize_every_layer(
-        self, float_ir: IR, weight_bits: dict[str, int], keep: set[str], reduce_range: bool, ctx: Context
+        self,
+        float_ir: IR,
+        weight_bits: dict[str, int],
+        keep: set[str],
+        reduce_range: bool,
+        ctx: Context,
+        correct: bool,
     ) -> IR:
-        """``float_ir`` with every layer but ``keep`` quantized and calibrated: the placement's rival."""
+        """``float_ir`` with every layer but ``keep`` quantized and calibrated (and its biases
+        corrected when ``correct``): the placement's rival."""
         candidate = float_ir.clone()
         self._insert_quantizers(candidate, weight_bits, keep, reduce_range)
         self._calibrate(candidate, ctx)
+        if correct:
+            self._correct_biases(candidate, float_ir, ctx)
         qi.freeze(candidate)
         candidate.gm.recompile()
         candidate.propagate()
@@ -426,7 +447,38 @@ class Quantize(Pass):
         opts: QuantizeOptions = self.options
         return opts.finetune_lr if opts.finetune_lr > 0 else ctx.train.lr / 10
 
+    def _corrects_biases(self, weight_bits: dict[str, int], epochs: int, ctx: Context) -> bool:
+        """Whether the biases are corrected: the option, and only without fine-tuning (which learns
+        the biases) and with data (random inputs have no mean worth matching)."""
+        opts: QuantizeOptions = self.options
+        wanted = opts.bias_correction == "on" or (
+            opts.bias_correction == "auto" and any(bits < 8 for bits in weight_bits.values())
+        )
+        return wanted and not epochs and ctx.data is not None
+
+    def _correct_biases(self, ir: IR, float_reference: IR | None, ctx: Context) -> dict[str, Any] | None:
+        """Empirical bias correction of ``ir`` against ``float_reference`` on the calibration images
+        (:mod:`quant.bias_correction`); None when there is no reference (the option is off)."""
+        if float_reference is None:
+            return None
+        from fxsculpt.quant.bias_correction import correct_biases
+
+        start = time.perf_counter()
+        shifts = correct_biases(float_reference, ir, self._calibration_batches(ir, ctx))
+        largest = max(shifts.items(), key=lambda item: item[1]["max_abs_shift"], default=None)
+        return {
+            "layers": len(shifts),
+            "largest_shift": None if largest is None else {"layer": largest[0], **largest[1]},
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+
     def _calibrate(self, ir: IR, ctx: Context) -> None:
+        opts: QuantizeOptions = self.options
+        qi.calibrate(ir, self._calibration_batches(ir, ctx), opts.calibration, opts.percentile)
+
+    def _calibration_batches(self, ir: IR, ctx: Context) -> list[torch.Tensor]:
+        """``calib_batches`` shuffled training batches (the same ones on every call), or seeded
+        random inputs where there is no data."""
         opts: QuantizeOptions = self.options
         batches: list[torch.Tensor]
         if ctx.data is not None:
@@ -439,7 +491,7 @@ class Quantize(Pass):
         else:  # no data: calibrate on seeded random inputs (documented as a poor substitute)
             ctx.logger.warning("quantize: no --data given; calibrating activations on random inputs")
             batches = [ir.example_input(batch=16, seed=ctx.seed + i) for i in range(opts.calib_batches)]
-        qi.calibrate(ir, batches, opts.calibration, opts.percentile)
+        return batches
 
 
 def _over_static_budget(candidates: dict[str, IR], budget: Any) -> dict[str, str]:
