@@ -188,7 +188,7 @@ class Quantize(Pass):
         placing = self._places_float_layers(ctx)
         float_ir = ir.clone() if placing and opts.float_fallback == "measured" else None
         epochs = opts.finetune_epochs if opts.finetune_epochs >= 0 else (1 if opts.method == "dfq" else 0)
-        correcting = self._corrects_biases(weight_bits, epochs, ctx)
+        correcting = opts.bias_correction != "off" and not epochs and ctx.data is not None
         float_reference = (float_ir or ir.clone()) if correcting else None
         self._insert_quantizers(ir, weight_bits, keep, reduce_range)
         placement = self._place(ir, ctx, keep) if placing else None
@@ -447,19 +447,17 @@ class Quantize(Pass):
         opts: QuantizeOptions = self.options
         return opts.finetune_lr if opts.finetune_lr > 0 else ctx.train.lr / 10
 
-    def _corrects_biases(self, weight_bits: dict[str, int], epochs: int, ctx: Context) -> bool:
-        """Whether the biases are corrected: the option, and only without fine-tuning (which learns
-        the biases) and with data (random inputs have no mean worth matching)."""
-        opts: QuantizeOptions = self.options
-        wanted = opts.bias_correction == "on" or (
-            opts.bias_correction == "auto" and any(bits < 8 for bits in weight_bits.values())
-        )
-        return wanted and not epochs and ctx.data is not None
-
     def _correct_biases(self, ir: IR, float_reference: IR | None, ctx: Context) -> dict[str, Any] | None:
         """Empirical bias correction of ``ir`` against ``float_reference`` on the calibration images
-        (:mod:`quant.bias_correction`); None when there is no reference (the option is off)."""
+        (:mod:`quant.bias_correction`); None where it does not apply: no reference (the option is
+        off, the pass fine-tunes, which learns the biases, or there is no data), or ``auto`` with no
+        layer below 8 bits (after a DFQ search: the bits it chose)."""
+        opts: QuantizeOptions = self.options
         if float_reference is None:
+            return None
+        if opts.bias_correction == "auto" and all(
+            min(m.channel_bits() or [8]) >= 8 for m in qi.weight_quantizers(ir).values()
+        ):
             return None
         from fxsculpt.quant.bias_correction import correct_biases
 
