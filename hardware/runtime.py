@@ -193,6 +193,15 @@ def paired_ratios(timings: Mapping[str, Sequence[Timing]], baseline: str) -> dic
     }
 
 
+def rounds_faster(timings: Mapping[str, Sequence[Timing]], baseline: str) -> dict[str, int]:
+    """Per model, in how many interleaved rounds its median beat ``baseline``'s in the same round."""
+    base = [t.median_ms for t in timings[baseline]]
+    return {
+        key: sum(t.median_ms < b for t, b in zip(rounds, base, strict=True))
+        for key, rounds in timings.items()
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-quantile (0..1) with linear interpolation, as ``numpy.percentile`` does."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q * 100.0))

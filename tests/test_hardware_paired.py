@@ -123,3 +123,26 @@ def test_paired_ratios_cancel_a_drift_that_the_ratio_of_medians_keeps():
     assert math.isclose(ratios["c"], 1.2)
     with pytest.raises(ValueError):  # rounds must pair up
         runtime.paired_ratios({"a": timings["a"], "d": timings["b"][:3]}, "a")
+
+
+def test_rounds_faster_counts_the_rounds_each_file_beat_the_baseline():
+    a = [1.0, 2.0, 2.0, 2.0, 1.0]
+    c = [0.9, 2.4, 2.4, 1.9, 0.9]  # by hand: faster in rounds 1, 4 and 5
+    timings = {k: [_timing(ms) for ms in v] for k, v in {"a": a, "c": c}.items()}
+    assert runtime.rounds_faster(timings, "a") == {"a": 0, "c": 3}
+
+
+def test_a_quantized_file_replaces_float_only_when_it_wins_nearly_every_round():
+    from fxsculpt.passes.quantize import ROUNDS_FLOAT_MAY_WIN, choose_candidate
+
+    assert ROUNDS_FLOAT_MAY_WIN == 1
+    ratio = {"float": 1.0, "placed": 0.97, "all_int8": 0.9}
+    # all_int8 has the lowest median but lost 3 of 7 rounds: noise; placed won 6 of 7
+    assert choose_candidate(ratio, {"float": 0, "placed": 6, "all_int8": 4}, 7, {}) == "placed"
+    assert choose_candidate(ratio, {"float": 0, "placed": 7, "all_int8": 7}, 7, {}) == "all_int8"
+    assert choose_candidate(ratio, {"float": 0, "placed": 5, "all_int8": 5}, 7, {}) == "float"
+    # a median of exactly 1 is a tie, whatever the rounds: float
+    assert choose_candidate({"float": 1.0, "placed": 1.0}, {"float": 0, "placed": 7}, 7, {}) == "float"
+    # float over a size budget: the fastest of the rest, however close
+    excluded = {"float": "misses the budget: size 9 > 5"}
+    assert choose_candidate(ratio, {"float": 0, "placed": 2, "all_int8": 3}, 7, excluded) == "all_int8"

@@ -162,14 +162,20 @@ def test_the_measured_choice_hands_over_the_fastest_file(
     assert rc == 0, err
     quantization = report["quantization"]
     whole_model = quantization["placement"]["whole_model"]
-    # The file handed over is the fastest of the candidates timed (placed, every layer int8, float);
-    # which one wins on this model is within the machine's noise, so each outcome is checked.
+    # The file handed over is the fastest of the candidates timed (placed, every layer int8, float)
+    # among float and those that beat float in all but one round; which one wins on this model is
+    # within the machine's noise, so each outcome is checked.
     assert {"placed", "float"} <= set(whole_model["ms"]) == set(whole_model["over_float"])
-    ratio = whole_model["over_float"]
-    assert ratio["float"] == 1.0
-    best = min(ratio.values())
+    ratio, faster, rounds = (
+        whole_model["over_float"],
+        whole_model["rounds_faster_than_float"],
+        whole_model["rounds"],
+    )
+    assert ratio["float"] == 1.0 and set(faster) == set(ratio) - {"float"}
+    consistent = [k for k in faster if ratio[k] < 1.0 and faster[k] >= rounds - 1]
+    best = min([1.0, *(ratio[k] for k in consistent)])
     assert ratio[whole_model["chosen"]] == best
-    assert whole_model["chosen"] == "float" or best <= 1.0  # a tie keeps the float file
+    assert whole_model["chosen"] == "float" or whole_model["chosen"] in consistent
     layers = len(quantization["layers"])
     file_floats = float_weight_layers(tmp_path / "int8" / "model.onnx")
     if whole_model["chosen"] == "float":
