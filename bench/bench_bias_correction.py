@@ -17,15 +17,9 @@ Writes ``bench/results/bias_correction.json`` and ``bench/results/bias_correctio
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,9 +27,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_zoo as zoo  # noqa: E402
 from bench_quantize import onnx_predictions  # noqa: E402
-
-from examples.third_party import ZOO, missing_package  # noqa: E402
-from fxsculpt.training.data import load_data  # noqa: E402
 
 DEFAULT_MODELS = (
     "tv_resnet18",
@@ -49,12 +40,7 @@ RUNS = {f"w{bits}_{flag}": (bits, flag) for bits in (8, 4) for flag in ("off", "
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), help="these models only")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
-    parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return zoo.trained_zoo_arguments(__doc__.splitlines()[0])
 
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -115,36 +101,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if not zoo.DATA.is_file():
-        sys.exit(f"the real CIFAR-10 subset is needed at {zoo.DATA}")
-    logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(2)
-    data = load_data(f"npz:{zoo.DATA}", seed=args.seed)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_bias_correction_") as tmp:
-        for name in args.only or DEFAULT_MODELS:
-            reason = missing_package(ZOO[name])
-            if reason:
-                print(f"{name}: skipped, {reason}", flush=True)
-                continue
-            rows.append(model_row(name, Path(tmp), data, args))
-            print(json.dumps(rows[-1]), flush=True)
-    import onnxruntime
-
-    result = {
-        "rows": rows,
-        "epochs": args.epochs,
-        "ort": onnxruntime.__version__,
-        "command": "python " + " ".join(["bench/bench_bias_correction.py", *sys.argv[1:]]),
-        "numpy": np.__version__,
-    }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    if args.merge:
-        result = zoo.merged(results / "bias_correction.json", result, settings=("epochs",))
-    (results / "bias_correction.json").write_text(json.dumps(result, indent=2))
-    (results / "bias_correction.md").write_text(markdown(result))
-    print(markdown(result))
+    data = zoo.cifar_subset(args.seed)
+    zoo.rows_written(
+        "bias_correction",
+        args.only or list(DEFAULT_MODELS),
+        lambda name, tmp: model_row(name, tmp, data, args),
+        markdown,
+        args.merge,
+        {"epochs": args.epochs},
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,63 @@ def merged(
     rows = [new.pop(row["model"], row) for row in old["rows"]] + list(new.values())
     commands = [*old.get("commands", [old["command"]]), result["command"]]
     return {**result, "rows": rows, "commands": commands, "command": " ; ".join(commands)}
+
+
+def trained_zoo_arguments(description: str) -> argparse.Namespace:
+    """The command line of the benches that train zoo models longer and compare files of them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), help="these models only")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
+    parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def cifar_subset(seed: int) -> Any:
+    """The real CIFAR-10 subset (exit with a line where it is absent), with quiet logs, 2 threads."""
+    if not DATA.is_file():
+        sys.exit(f"the real CIFAR-10 subset is needed at {DATA}")
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(2)
+    return load_data(f"npz:{DATA}", seed=seed)
+
+
+def rows_written(
+    stem: str,
+    names: list[str],
+    row_of: Callable[[str, Path], dict[str, Any]],
+    markdown_of: Callable[[dict[str, Any]], str],
+    merge: bool,
+    settings: dict[str, Any],
+) -> None:
+    """One row per model of ``names`` (``row_of(name, scratch folder)``; a model whose package is
+    missing is skipped and said so), written to ``results/<stem>.json`` and ``.md`` with the
+    ``settings`` (kept equal across ``merge``s), the versions and the command line."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"bench_{stem}_") as tmp:
+        for name in names:
+            reason = missing_package(ZOO[name])
+            if reason:
+                print(f"{name}: skipped, {reason}", flush=True)
+                continue
+            rows.append(row_of(name, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    import onnxruntime
+
+    result = {
+        "rows": rows,
+        **settings,
+        "ort": onnxruntime.__version__,
+        "command": "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "numpy": np.__version__,
+    }
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    if merge:
+        result = merged(results / f"{stem}.json", result, settings=tuple(settings))
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (results / f"{stem}.md").write_text(markdown_of(result))
+    print(markdown_of(result))
 
 
 def main() -> None:

@@ -18,7 +18,10 @@ Per model, on the test split, all computed by ONNX Runtime: top-1 accuracy of th
 ours (as shipped), ours (every layer int8) and quantize_static; each one's top-1 agreement with
 the float file; and, ours (as shipped) against quantize_static, the images only one of them gets
 right with the two-sided exact sign test on those counts (McNemar's exact test): a large p says
-the accuracy difference is within the luck of which images flipped. No latency is measured here.
+the accuracy difference is within the luck of which images flipped. Beside them, the every-layer
+int8 PyTorch model against itself computed in float64 (no export at all): the share of
+predictions that do not turn on a half-code tie, a ceiling for ORT÷PyTorch agreement. No latency
+is measured here.
 
     python bench/bench_zoo_fidelity.py                   # every model
     python bench/bench_zoo_fidelity.py --only timm_repvgg_a0 --merge
@@ -29,15 +32,11 @@ Writes ``bench/results/zoo_fidelity.json`` and ``bench/results/zoo_fidelity.md``
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -47,17 +46,11 @@ sys.path.insert(0, str(HERE))
 import bench_zoo as zoo  # noqa: E402
 from bench_quantize import onnx_predictions  # noqa: E402
 
-from examples.third_party import ZOO, missing_package  # noqa: E402
-from fxsculpt.training.data import load_data  # noqa: E402
+from examples.third_party import ZOO  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(ZOO), help="these models only")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
-    parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return zoo.trained_zoo_arguments(__doc__.splitlines()[0])
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -82,6 +75,34 @@ def quantized_run(path: Path, out: Path, samples: int, *extra: str) -> dict[str,
         "samples": onnx.get("samples_compared"),
         "max_abs_diff": onnx.get("max_abs_diff"),
     }
+
+
+def float64_self_agreement(path: Path, tmp: Path, data: Any) -> float:
+    """Top-1 agreement, on the test images, of the every-layer-int8 PyTorch model (the pass run
+    in-process with the CLI's options) with the same model computed in float64.
+
+    No export is involved: this is how often the quantized model's own prediction turns on float
+    rounding at a half-code boundary somewhere in the network, the ceiling an ONNX Runtime file
+    (other kernels, the same ties) can be expected to reach in ORT÷PyTorch agreement.
+    """
+    import copy
+
+    from fxsculpt.ir.load import LoadOptions, load_ir
+    from fxsculpt.passes.base import Context, TrainSettings
+    from fxsculpt.passes.quantize import Quantize
+
+    ir = load_ir(str(path), LoadOptions(trust_model=True, input_shape=(1, 3, 32, 32)))
+    out = tmp / "float64_self_agreement"
+    settings = TrainSettings(epochs=1, batch_size=64, lr=0.02, progress=False)  # the CLI's batch size
+    ctx = Context(out_dir=out, stage_dir=out / "stage", data=data, train=settings)
+    ctx.current_pass = "quantize"
+    quantized = Quantize(method="uniform", bits=8, float_fallback="off").run(ir, ctx).gm.eval()
+    x = data.test.tensors[0]
+    with torch.no_grad():
+        single = torch.cat([quantized(b).argmax(1) for b in x.split(128)])
+        as_double = copy.deepcopy(quantized).double()
+        double = torch.cat([as_double(b.double()).argmax(1) for b in x.split(128)])
+    return round(float((single == double).float().mean()), 4)
 
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -116,6 +137,7 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
         ours_right, qs_right = predicted["shipped"] == truth, predicted["qs"] == truth
         wins, losses = int((ours_right & ~qs_right).sum()), int((qs_right & ~ours_right).sum())
         row["ours_vs_qs"] = {"only_ours": wins, "only_qs": losses, "p": round(sign_test_p(wins, losses), 3)}
+    row["float64_self_agreement"] = float64_self_agreement(path, tmp, data)
     row["test_images"] = len(x)
     return row
 
@@ -124,8 +146,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| model | int8 rc (shipped / all int8) | ORT÷PyTorch agreement (shipped / all int8) "
         "| acc float / ours / all int8 / qs | agreement with float (ours / all int8 / qs) "
-        "| only ours / only qs right | sign-test p |",
-        "|---|---|---|---|---|---|---|",
+        "| only ours / only qs right | sign-test p | PyTorch int8 fp32÷fp64 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         shipped, all_int8 = r.get("shipped", {}), r.get("all_int8", {})
@@ -141,7 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {shipped_cell} / {agreement(all_int8)} "
             f"| {' / '.join(f'{100 * acc[k]:.1f}' if k in acc else '–' for k in ('float', 'shipped', 'all_int8', 'qs'))} "
             f"| {' / '.join(f'{fid[k]:.3f}' if k in fid else '–' for k in ('shipped', 'all_int8', 'qs'))} "
-            f"| {versus.get('only_ours', '–')} / {versus.get('only_qs', '–')} | {versus.get('p', '–')} |"
+            f"| {versus.get('only_ours', '–')} / {versus.get('only_qs', '–')} | {versus.get('p', '–')} "
+            f"| {r.get('float64_self_agreement', '–')} |"
         )
     images = next((r["test_images"] for r in result["rows"] if "test_images" in r), "all")
     lines += [
@@ -149,43 +172,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images "
         f"(accuracy and agreement by ONNX Runtime {result['ort']}; ORT÷PyTorch agreement is the export "
         'check\'s, against the quantized PyTorch model). "float file": the pass measured the float model '
-        f"fastest and handed it over. Command: `{result['command']}`",
+        "fastest and handed it over. PyTorch int8 fp32÷fp64: the every-layer-int8 PyTorch model's top-1 "
+        "agreement with itself computed in float64, no export involved (how many predictions turn on a "
+        "half-code tie; –: a row from before this column). "
+        f"Command: `{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = parse_args()
-    if not zoo.DATA.is_file():
-        sys.exit(f"the real CIFAR-10 subset is needed at {zoo.DATA}")
-    logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(2)
-    data = load_data(f"npz:{zoo.DATA}", seed=args.seed)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_zoo_fidelity_") as tmp:
-        for name in args.only or list(ZOO):
-            reason = missing_package(ZOO[name])
-            if reason:
-                print(f"{name}: skipped, {reason}", flush=True)
-                continue
-            rows.append(model_row(name, Path(tmp), data, args))
-            print(json.dumps(rows[-1]), flush=True)
-    import onnxruntime
-
-    result = {
-        "rows": rows,
-        "epochs": args.epochs,
-        "ort": onnxruntime.__version__,
-        "command": "python " + " ".join(["bench/bench_zoo_fidelity.py", *sys.argv[1:]]),
-        "numpy": np.__version__,
-    }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    if args.merge:
-        result = zoo.merged(results / "zoo_fidelity.json", result, settings=("epochs",))
-    (results / "zoo_fidelity.json").write_text(json.dumps(result, indent=2))
-    (results / "zoo_fidelity.md").write_text(markdown(result))
-    print(markdown(result))
+    data = zoo.cifar_subset(args.seed)
+    zoo.rows_written(
+        "zoo_fidelity",
+        args.only or list(ZOO),
+        lambda name, tmp: model_row(name, tmp, data, args),
+        markdown,
+        args.merge,
+        {"epochs": args.epochs},
+    )
 
 
 if __name__ == "__main__":
