@@ -286,12 +286,13 @@ def trained_zoo_arguments(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def cifar_subset(seed: int) -> Any:
-    """The real CIFAR-10 subset (exit with a line where it is absent), with quiet logs, 2 threads."""
+def cifar_subset(seed: int, threads: int = 2) -> Any:
+    """The real CIFAR-10 subset (exit with a line where it is absent), with quiet logs and torch
+    on ``threads`` threads."""
     if not DATA.is_file():
         sys.exit(f"the real CIFAR-10 subset is needed at {DATA}")
     logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     return load_data(f"npz:{DATA}", seed=seed)
 
 
@@ -335,16 +336,14 @@ def rows_written(
 
 def main() -> None:
     args = parse_args()
-    if not DATA.is_file():
-        sys.exit(f"the real CIFAR-10 subset is needed at {DATA}")
-    logging.basicConfig(level=logging.ERROR)
-    torch.set_num_threads(1 if args.search_only else 2)  # search rows leave a core to timed rows
+    data = cifar_subset(
+        args.seed, threads=1 if args.search_only else 2
+    )  # search rows leave a core to timed rows
     if args.quick:
         args.epochs, args.rounds = 1, 7
     names = args.only or [n for n, m in ZOO.items() if not (args.quick and m.slow)]
     if args.search_only:
         names = [n for n in names if n in args.prune]
-    data = load_data(f"npz:{DATA}", seed=args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_zoo_") as tmp:
         for name in names:
