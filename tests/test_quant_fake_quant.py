@@ -160,3 +160,99 @@ def test_affine_act_quantizer_is_symmetric_below_8_bits_and_for_other_calibratio
         q.calibrate(method, percentile=100.0)
         assert q.zero_point == 128
         assert q.scale == pytest.approx(5.0 / fq.positive_levels(bits, True), rel=1e-3)
+
+
+def _frozen_on_grid(
+    layer: nn.Module, bits: int, x: torch.Tensor
+) -> tuple[WeightQuantizer, torch.Tensor, float]:
+    """``layer`` frozen at ``bits`` behind an 8-bit affine input quantizer, in eval mode, and that
+    quantizer's output for ``x`` (the layer's input on its grid) with the input scale."""
+    aq = ActQuantizer(8, signed=True, affine=True)
+    aq.start_observing()
+    aq(x)
+    aq.calibrate()
+    wq = WeightQuantizer(layer, bits=bits)
+    wq.freeze(input_scale=aq.scale)
+    return wq.eval(), aq(x), aq.scale
+
+
+def _int64_layer(wq: WeightQuantizer, x_hat: torch.Tensor, s_x: float) -> np.ndarray:
+    """Reference in integers: int64 codes summed by NumPy (no float accumulation), int32 bias codes
+    added, then scaled once in float64 and rounded to float32."""
+    assert wq.scale is not None
+    s_w = wq.scale.detach().double().numpy()
+    w = wq.layer.weight.detach().double().numpy()
+    w_codes = np.rint(w / s_w.reshape([-1] + [1] * (w.ndim - 1))).astype(np.int64)
+    x_codes = np.rint(x_hat.double().numpy() / s_x).astype(np.int64)
+    bias = wq.layer.bias.detach().double().numpy()
+    b_codes = np.rint(bias / (s_x * s_w)).astype(np.int64)
+    if isinstance(wq.layer, nn.Linear):
+        total = x_codes @ w_codes.T + b_codes
+        return (total * (s_x * s_w)).astype(np.float32)
+    conv = wq.layer
+    (ph, pw), (sh, sw), g = conv.padding, conv.stride, conv.groups
+    padded = np.pad(x_codes, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    n, _, hp, wp = padded.shape
+    oc, icg, kh, kw = w_codes.shape
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    total = np.zeros((n, oc, oh, ow), dtype=np.int64)
+    per_group = oc // g
+    for o in range(oc):
+        grp = o // per_group
+        for i in range(oh):
+            for j in range(ow):
+                patch = padded[:, grp * icg : (grp + 1) * icg, i * sh : i * sh + kh, j * sw : j * sw + kw]
+                total[:, o, i, j] = (patch * w_codes[o]).sum(axis=(1, 2, 3))
+    total += b_codes.reshape(1, -1, 1, 1)
+    return (total * (s_x * s_w).reshape(1, -1, 1, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "make_layer, shape",
+    [
+        (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), (3, 6, 9, 9)),
+        (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 7, 7)),  # depthwise
+        (lambda: nn.Linear(300, 7), (5, 300)),
+    ],
+)
+def test_a_frozen_layer_computes_what_integer_kernels_compute(make_layer, shape, bits: int) -> None:
+    """Exact integer accumulation: a frozen layer on a quantized input gives, bit for bit, the
+    int64 sum of code products plus the bias codes, scaled once; the float32 computation of the
+    dequantized values only approximates it."""
+    torch.manual_seed(bits)
+    x = torch.randn(*shape) * 3
+    wq, x_hat, s_x = _frozen_on_grid(make_layer(), bits, x)
+    assert wq.computes_on_codes()
+    expected = _int64_layer(wq, x_hat, s_x)
+    with torch.no_grad():
+        got = wq(x_hat).numpy()
+        float_form = torch.func.functional_call(wq.layer, {"weight": wq.quantized_weight()}, (x_hat,)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(float_form, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # with autograd on, the values are the same and the gradient is the float computation's
+    x_grad = x_hat.clone().requires_grad_(True)
+    out = wq(x_grad)
+    np.testing.assert_array_equal(out.detach().numpy(), expected)
+    out.sum().backward()
+    reference = x_hat.clone().requires_grad_(True)
+    torch.func.functional_call(wq.layer, {"weight": wq.quantized_weight()}, (reference,)).sum().backward()
+    assert x_grad.grad is not None and reference.grad is not None
+    torch.testing.assert_close(x_grad.grad, reference.grad)
+
+
+def test_only_a_frozen_eval_layer_on_a_quantized_input_computes_on_codes() -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    wq = WeightQuantizer(conv, bits=8).eval()
+    assert not wq.computes_on_codes()  # not frozen
+    wq.freeze(input_scale=None)
+    assert not wq.computes_on_codes()  # a float input: no grid to read codes from
+    wq.freeze(input_scale=0.05)
+    assert wq.computes_on_codes()
+    assert not wq.train().computes_on_codes()  # training-mode dropout may move inputs off the grid
+    wq.eval().set_group_bits([4])
+    assert not wq.computes_on_codes()  # new widths: no longer frozen
+    wq.freeze(input_scale=0.05)
+    restored = WeightQuantizer(nn.Conv2d(3, 4, 3), bits=8)
+    restored.set_extra_state(wq.get_extra_state())  # what a checkpoint keeps
+    assert restored.input_scale == 0.05 and restored.frozen
