@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
-    path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed)
+    path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed, args.keep_models)
     x, y = data.test.tensors
     rc, _, _, err = zoo.run_cli(zoo.optimize(path, tmp / f"{name}_float", "fold_bn"))
     if rc:

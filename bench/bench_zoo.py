@@ -35,6 +35,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +86,9 @@ def parse_args() -> argparse.Namespace:
         "(its commands list says which run made which rows)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep-models", type=Path, help="keep the trained models here and reuse them on a later run"
+    )
     return parser.parse_args()
 
 
@@ -121,16 +125,32 @@ def kept_float(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     ]
 
 
-def trained_and_saved(name: str, tmp: Path, data: Any, epochs: int, seed: int) -> tuple[Path, float]:
-    """The zoo model ``name`` trained ``epochs`` on ``data``, saved whole at ``tmp/name.pt``; training seconds."""
+def trained_and_saved(
+    name: str, tmp: Path, data: Any, epochs: int, seed: int, keep: Path | None = None
+) -> tuple[Path, float]:
+    """The zoo model ``name`` trained ``epochs`` on ``data``, saved whole at ``tmp/name.pt``; training seconds.
+
+    With ``keep`` (a folder) the trained model is also kept there, named by model, epochs and
+    seed, and a later call with the same folder loads it instead of training again (the seconds
+    given are then those of the training that made it).
+    """
+    path = tmp / f"{name}.pt"
+    kept = None if keep is None else keep / f"{name}-{epochs}ep-seed{seed}.pt"
+    seconds_file = None if kept is None else kept.with_suffix(".seconds")
+    if kept is not None and seconds_file is not None and kept.is_file() and seconds_file.is_file():
+        shutil.copyfile(kept, path)
+        return path, float(seconds_file.read_text())
     model = build(name, seed)
     start = time.perf_counter()
     settings = TrainSettings(epochs=epochs, batch_size=64, lr=0.02, progress=False)
     train_model(model, data.train, settings, "cpu", torch.Generator().manual_seed(seed), desc=name)
     seconds = round(time.perf_counter() - start, 1)
     model.eval()
-    path = tmp / f"{name}.pt"
     torch.save(model, path)
+    if kept is not None and seconds_file is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept)
+        seconds_file.write_text(str(seconds))
     return path, seconds
 
 
@@ -283,6 +303,9 @@ def trained_zoo_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
     parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep-models", type=Path, help="keep the trained models here and reuse them on a later run"
+    )
     return parser.parse_args()
 
 

@@ -72,6 +72,8 @@ def quantized_run(path: Path, out: Path, samples: int, *extra: str) -> dict[str,
         "s": round(seconds, 1),
         "error": err if rc else "",
         "agreement": onnx.get("top1_agreement"),
+        "reference": onnx.get("reference"),
+        "agreement_float32": onnx.get("top1_agreement_float32"),
         "samples": onnx.get("samples_compared"),
         "max_abs_diff": onnx.get("max_abs_diff"),
     }
@@ -107,7 +109,7 @@ def float64_self_agreement(path: Path, tmp: Path, data: Any) -> float:
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "features": ZOO[name].features}
-    path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed)
+    path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed, args.keep_models)
     x, y = data.test.tensors
 
     rc, _, _, err = zoo.run_cli(zoo.optimize(path, tmp / f"{name}_float", "fold_bn"))
@@ -155,7 +157,11 @@ def markdown(result: dict[str, Any]) -> str:
         versus = r.get("ours_vs_qs", {})
 
         def agreement(run: dict[str, Any]) -> str:
-            return f"{run['agreement']:.3f}" if run.get("agreement") is not None else "–"
+            if run.get("agreement") is None:
+                return "–"
+            if run.get("agreement_float32") is None:  # a row from before the float64 reference
+                return f"{run['agreement']:.3f}¹"
+            return f"{run['agreement']:.3f} ({run['agreement_float32']:.3f})"
 
         shipped_cell = "float file" if r.get("shipped_is_float_file") else agreement(shipped)
         lines.append(
@@ -171,7 +177,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images "
         f"(accuracy and agreement by ONNX Runtime {result['ort']}; ORT÷PyTorch agreement is the export "
-        'check\'s, against the quantized PyTorch model). "float file": the pass measured the float model '
+        "check's: against the quantized PyTorch model computed in float64, in brackets against its "
+        "float32 run; ¹: a row from before the float64 reference and exact integer accumulation, "
+        'against float32 PyTorch). "float file": the pass measured the float model '
         "fastest and handed it over. PyTorch int8 fp32÷fp64: the every-layer-int8 PyTorch model's top-1 "
         "agreement with itself computed in float64, no export involved (how many predictions turn on a "
         "half-code tie; –: a row from before this column). "

@@ -149,3 +149,31 @@ def test_keep_float_layer_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
     # Measured 3 of 359 samples with any logit difference (float summation order in the float conv
     # moving a value across a rounding tie of the next quantizer), against all 359 before.
     assert differs.mean() <= 0.03
+
+
+def test_export_holds_the_file_to_the_quantized_model_in_float64(trained, tmp_path: Path) -> None:
+    """The export check's top-1 agreement is ONNX Runtime against the quantized model computed in
+    float64; the agreement with its float32 run is reported beside it. Both recounted here."""
+    import copy
+
+    import onnxruntime as ort
+
+    from fxsculpt.passes.export import Export
+
+    model, data = trained
+    ir = IR.from_module(model, (1, 1, 8, 8), 10)
+    ctx = _ctx(tmp_path, data)
+    quantized = Quantize(method="uniform", bits=8, float_fallback="off").run(ir, ctx)
+    ctx.current_pass = "export"
+    Export(compare_samples=64).run(quantized, ctx)
+    section = ctx.sections["onnx"]
+    assert section["reference"] == "quantized PyTorch model in float64"
+    x = data.test.tensors[0][:64].float()
+    session = ort.InferenceSession(str(ctx.stage_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    ort_top1 = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax(1)
+    gm = quantized.gm.eval()
+    with torch.no_grad():
+        single = gm(x).argmax(1).numpy()
+        double = copy.deepcopy(gm).double()(x.double()).argmax(1).numpy()
+    assert section["top1_agreement"] == float((ort_top1 == double).mean())
+    assert section["top1_agreement_float32"] == float((ort_top1 == single).mean())
