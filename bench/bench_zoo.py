@@ -136,10 +136,9 @@ def trained_and_saved(
     """
     path = tmp / f"{name}.pt"
     kept = None if keep is None else keep / f"{name}-{epochs}ep-seed{seed}.pt"
-    seconds_file = None if kept is None else kept.with_suffix(".seconds")
-    if kept is not None and seconds_file is not None and kept.is_file() and seconds_file.is_file():
+    if kept is not None and kept.is_file() and kept.with_suffix(".seconds").is_file():
         shutil.copyfile(kept, path)
-        return path, float(seconds_file.read_text())
+        return path, float(kept.with_suffix(".seconds").read_text())
     model = build(name, seed)
     start = time.perf_counter()
     settings = TrainSettings(epochs=epochs, batch_size=64, lr=0.02, progress=False)
@@ -147,10 +146,10 @@ def trained_and_saved(
     seconds = round(time.perf_counter() - start, 1)
     model.eval()
     torch.save(model, path)
-    if kept is not None and seconds_file is not None:
+    if kept is not None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, kept)
-        seconds_file.write_text(str(seconds))
+        kept.with_suffix(".seconds").write_text(str(seconds))
     return path, seconds
 
 
@@ -162,7 +161,7 @@ def quantize_static_file(float_onnx: Path, out: Path, data: Any) -> Path:
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "package": ZOO[name].package, "features": ZOO[name].features}
-    path, row["train_s"] = trained_and_saved(name, tmp, data, args.epochs, args.seed)
+    path, row["train_s"] = trained_and_saved(name, tmp, data, args.epochs, args.seed, args.keep_models)
 
     if args.search_only:
         search_rows(name, path, tmp, row)

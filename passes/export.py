@@ -317,9 +317,8 @@ def compare_with_torch(
     agree, agree_float32, counted = 0, 0, 0
     reference = cast(fx.GraphModule, exact if exact is not None else gm)
     for x in batches:
-        expected = [
-            t.detach().cpu().float().numpy() for t in outputs_of(reference, x.to(_dtype_of(reference)))
-        ]
+        x_reference = x.double() if exact is not None else x
+        expected = [t.detach().cpu().float().numpy() for t in outputs_of(reference, x_reference)]
         got = run_onnx_outputs(session, x.cpu().numpy())
         if len(got) != len(expected):
             raise RunFailedError(f"ONNX model has {len(got)} outputs, PyTorch returned {len(expected)}")
@@ -341,12 +340,6 @@ def compare_with_torch(
     top1 = agree / counted if counted else None
     top1_float32 = agree_float32 / counted if counted and exact is not None else None
     return Parity(worst, atol * scale, samples, top1, [int(b.shape[0]) for b in batches], top1_float32)
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of ``module``'s first floating-point parameter or buffer (float32 when it has none)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 def float64_reference(gm: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module | None:
