@@ -342,10 +342,11 @@ class WeightQuantizer(Quantizer):
         of a half-code boundary (the next quantizer's) then rounds the other way. Here the codes are
         multiplied and added in float64 (exact: every partial sum is an integer below 2^53), the
         bias's int32 codes are added to that sum, and the scales applied once, so the float32
-        result is the true value rounded once, as close to ONNX Runtime's as float32 allows. On a
-        random-weight timm vit_tiny this cut the one-code steps at Linear outputs fivefold and
-        raised end-to-end top-1 agreement with ONNX Runtime from 89.0% to 95.4% (CIFAR-10 test). The export still
-        traces the float form (``torch.compiler.is_exporting``), which is the QDQ graph.
+        result is the true value rounded once, as close to ONNX Runtime's as float32 allows. On
+        timm's vit_tiny (trained 10 epochs) the teacher-forced one-code steps at Linear outputs
+        fell from 1325 to 317 (of 3.5e8 values); with random weights end-to-end top-1 agreement
+        with ONNX Runtime rose from 89.0% to 95.4% (CIFAR-10 test). The export still traces the
+        float form (``torch.compiler.is_exporting``), which is the QDQ graph.
         """
         assert self.scale is not None and self.input_scale is not None
         shape = [-1] + [1] * (self.layer.weight.dim() - 1)
