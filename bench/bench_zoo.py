@@ -86,9 +86,7 @@ def parse_args() -> argparse.Namespace:
         "(its commands list says which run made which rows)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--keep-models", type=Path, help="keep the trained models here and reuse them on a later run"
-    )
+    add_keep_models(parser)
     return parser.parse_args()
 
 
@@ -295,6 +293,13 @@ def merged(
     return {**result, "rows": rows, "commands": commands, "command": " ; ".join(commands)}
 
 
+def add_keep_models(parser: argparse.ArgumentParser) -> None:
+    """The ``--keep-models`` option of every bench that trains zoo models (see :func:`trained_and_saved`)."""
+    parser.add_argument(
+        "--keep-models", type=Path, help="keep the trained models here and reuse them on a later run"
+    )
+
+
 def trained_zoo_arguments(description: str) -> argparse.Namespace:
     """The command line of the benches that train zoo models longer and compare files of them."""
     parser = argparse.ArgumentParser(description=description)
@@ -302,9 +307,7 @@ def trained_zoo_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
     parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--keep-models", type=Path, help="keep the trained models here and reuse them on a later run"
-    )
+    add_keep_models(parser)
     return parser.parse_args()
 
 
@@ -358,9 +361,8 @@ def rows_written(
 
 def main() -> None:
     args = parse_args()
-    data = cifar_subset(
-        args.seed, threads=1 if args.search_only else 2
-    )  # search rows leave a core to timed rows
+    # search rows leave a core to timed rows
+    data = cifar_subset(args.seed, threads=1 if args.search_only else 2)
     if args.quick:
         args.epochs, args.rounds = 1, 7
     names = args.only or [n for n, m in ZOO.items() if not (args.quick and m.slow)]
