@@ -64,8 +64,10 @@ class QuantizeOptions(HaqOptions):
     weight_granularity: Literal["channel", "tensor"] = option(
         "channel", "weight scales per output channel or per tensor"
     )
-    calibration: Literal["auto", "minmax", "percentile", "kl"] = option(
-        "auto", "activation calibration; auto = KL divergence below 5 bits (as HAQ), min/max otherwise"
+    calibration: Literal["auto", "minmax", "percentile", "kl", "mse"] = option(
+        "auto",
+        "activation calibration; auto = KL divergence below 5 bits (as HAQ), min/max otherwise; mse: the "
+        "fraction of the observed range with the least squared quantization error",
     )
     quantize_output: bool = option(
         False, "also quantize the model's output (lets ORT use QGemm for the last Linear; rounds the logits)"
@@ -78,7 +80,7 @@ class QuantizeOptions(HaqOptions):
     )
     activation_range: Literal["affine", "symmetric"] = option(
         "affine",
-        "signed 8-bit activations calibrated by min/max: affine codes over [min, max] with a calibrated "
+        "signed 8-bit activations calibrated by min/max or mse: affine codes over [min, max] with a calibrated "
         "zero point (as quantize_static; a SiLU or hard-swish output keeps nearly 8 bits), or symmetric "
         "codes around zero (zero point 128); other calibrations and narrower activations are symmetric",
     )

@@ -5,6 +5,9 @@ Each method returns a threshold ``t`` (a non-negative magnitude); the quantizer'
 
 - ``minmax``: the largest magnitude seen (no clipping; Jacob et al., CVPR 2018, §3).
 - ``percentile``: the ``p``-th percentile of the magnitudes (e.g. 99.99), robust to outliers.
+- ``mse``: the range, a fraction of the observed one, whose quantized values are nearest the
+  observed ones in mean squared error (as AIMET's and NNCF's MSE range estimators): it clips a
+  long tail only when the finer step it buys elsewhere outweighs the clipped error.
 - ``kl``: the threshold whose clipped-and-quantized histogram is closest in KL divergence to the
   observed one (Migacz, "8-bit Inference with TensorRT", GTC 2017); HAQ (Wang et al., CVPR 2019,
   §3.4) uses it below 5 bits, where clipping pays most.
@@ -17,8 +20,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-Method = Literal["minmax", "percentile", "kl"]
-METHODS: tuple[str, ...] = ("minmax", "percentile", "kl")
+Method = Literal["minmax", "percentile", "kl", "mse"]
+METHODS: tuple[str, ...] = ("minmax", "percentile", "kl", "mse")
+#: Fractions of the observed range the ``mse`` method tries, from all of it down to 30%.
+MSE_FRACTIONS: np.ndarray = np.linspace(1.0, 0.3, 71)
 #: Relative mass given to Q bins that P occupies but the merge left empty.
 SMOOTHING = 1e-4
 
@@ -95,14 +100,55 @@ def kl_threshold(values: torch.Tensor | np.ndarray, bits: int, signed: bool, bin
     return float(edges[best_cut])
 
 
+def _squared_error(x: np.ndarray, scale: float, zero_point: int, qmin: int, qmax: int) -> float:
+    """Mean squared error of ``x`` against its fake quantization on codes ``qmin..qmax``."""
+    codes = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
+    return float(np.mean(((codes - zero_point) * scale - x) ** 2))
+
+
+def mse_threshold(values: torch.Tensor | np.ndarray, bits: int, signed: bool) -> float:
+    """The threshold ``f * max|x|`` (``f`` in :data:`MSE_FRACTIONS`) with the least mean squared
+    error on the symmetric grid a quantizer with that threshold uses (signed: codes
+    ``-2^(b-1)..2^(b-1)-1``; unsigned: ``0..2^b-1``, values below 0 counted at 0)."""
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    x = array.astype(np.float64).ravel()
+    if not signed:
+        x = np.clip(x, 0.0, None)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak <= 0.0:
+        return 0.0
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    errors = [_squared_error(x, f * peak / qmax, 0, qmin, qmax) for f in MSE_FRACTIONS]
+    return float(MSE_FRACTIONS[int(np.argmin(errors))] * peak)
+
+
+def mse_affine_range(values: torch.Tensor | np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The range ``f * [min(low, 0), max(high, 0)]`` (``f`` in :data:`MSE_FRACTIONS`) whose 8-bit
+    affine grid (codes 0..255, zero point rounded so that 0.0 is a code) has the least mean squared
+    error on ``values``; both ends shrink together, so the zero point stays where it was."""
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    x = array.astype(np.float64).ravel()
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if high - low <= 0.0 or not x.size:
+        return low, high
+    errors = []
+    for f in MSE_FRACTIONS:
+        scale = f * (high - low) / 255
+        errors.append(_squared_error(x, scale, int(min(255, max(0, round(-f * low / scale)))), 0, 255))
+    best = float(MSE_FRACTIONS[int(np.argmin(errors))])
+    return best * low, best * high
+
+
 def threshold(
     values: torch.Tensor | np.ndarray, method: str, bits: int, signed: bool, percentile: float = 99.99
 ) -> float:
-    """Dispatch on ``method`` (``minmax``, ``percentile`` or ``kl``)."""
+    """Dispatch on ``method`` (``minmax``, ``percentile``, ``kl`` or ``mse``)."""
     if method == "minmax":
         return minmax_threshold(values, signed)
     if method == "percentile":
         return percentile_threshold(values, signed, percentile)
     if method == "kl":
         return kl_threshold(values, bits, signed)
+    if method == "mse":
+        return mse_threshold(values, bits, signed)
     raise ValueError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")

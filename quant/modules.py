@@ -38,7 +38,7 @@ class ActQuantizer(Quantizer):
     """Per-tensor activation fake quantization at ``bits`` (``None``: identity).
 
     ``signed`` picks symmetric codes around zero; otherwise the codes cover ``[0, t]``. With
-    ``affine`` a signed quantizer calibrated by min/max at 8 bits instead spreads its 256 codes over
+    ``affine`` a signed quantizer calibrated by min/max (or MSE) at 8 bits instead spreads its 256 codes over
     ``[min(lo, 0), max(hi, 0)]`` with a zero point from calibration, as ``quantize_static`` does: a
     SiLU or hard-swish output (lo ≈ −0.3, hi ≫ 1) keeps nearly all 8 bits, where symmetric codes
     spend half of them on negatives it never reaches. The scale (and zero point) is set by
@@ -91,15 +91,20 @@ class ActQuantizer(Quantizer):
 
     def calibrate(self, method: str = "minmax", percentile: float = 99.99) -> float:
         """Stop observing and set the scale from the observed values; returns the threshold."""
-        from fxsculpt.quant.calibrate import threshold
+        from fxsculpt.quant.calibrate import mse_affine_range, threshold
 
         self.observing = False
         if self.bits is None:
             return 0.0
-        if method == "minmax" and self.affine and self.bits == 8:
-            self.set_range(self.low, self.peak)
+        if method in ("minmax", "mse") and self.affine and self.bits == 8:
+            low, high = (
+                (self.low, self.peak)
+                if method == "minmax"
+                else mse_affine_range(self.observed(), self.low, self.peak)
+            )
+            self.set_range(low, high)
             self._samples = []
-            return self.peak
+            return high
         if self.affine:  # the other methods are symmetric: they need the largest magnitude
             self.peak = max(self.peak, -self.low)
         if method == "minmax":

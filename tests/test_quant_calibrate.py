@@ -79,4 +79,45 @@ def test_auto_uses_kl_below_five_bits() -> None:
 
 def test_unknown_method_is_refused() -> None:
     with pytest.raises(ValueError):
-        cal.threshold(torch.ones(3), "mse", 8, True)
+        cal.threshold(torch.ones(3), "entropy", 8, True)
+
+
+def _torch_grid_error(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> float:
+    """Mean squared error of torch's own fake quantization (an independent rounding/clipping)."""
+    quantized = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return float(((quantized - x) ** 2).mean())
+
+
+def test_mse_threshold_is_the_least_error_fraction_on_torch_grids() -> None:
+    x = (
+        torch.distributions.StudentT(3.0)
+        .sample(
+            (20_000,),
+        )
+        .double()
+    )
+    for bits, signed in ((8, True), (4, True), (8, False)):
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        seen = x if signed else x.clamp_min(0)
+        peak = float(seen.abs().max())
+        errors = [_torch_grid_error(seen, f * peak / qmax, 0, qmin, qmax) for f in cal.MSE_FRACTIONS]
+        best = float(cal.MSE_FRACTIONS[int(np.argmin(errors))]) * peak
+        got = cal.mse_threshold(x, bits, signed)
+        assert got == pytest.approx(best)
+        assert got < peak  # a heavy tail is worth clipping at these widths
+    assert cal.threshold(x, "mse", 8, True) == pytest.approx(cal.mse_threshold(x, 8, True))
+
+
+def test_mse_affine_range_shrinks_both_ends_to_the_least_error() -> None:
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20_000) * 0.2 - 0.1, torch.tensor([-0.3, 40.0])]).double()  # one outlier
+    low, high = float(x.min()), float(x.max())
+    errors = []
+    for f in cal.MSE_FRACTIONS:
+        scale = f * (high - low) / 255
+        errors.append(_torch_grid_error(x, scale, round(-f * low / scale), 0, 255))
+    f = float(cal.MSE_FRACTIONS[int(np.argmin(errors))])
+    got_low, got_high = cal.mse_affine_range(x, low, high)
+    assert (got_low, got_high) == (pytest.approx(f * low), pytest.approx(f * high))
+    assert f < 1.0
+    assert cal.mse_affine_range(x, 0.0, 0.0) == (0.0, 0.0)
