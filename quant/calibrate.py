@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fxsculpt.quant.fake_quant import affine_grid
+
 Method = Literal["minmax", "percentile", "kl", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "kl", "mse")
 #: Fractions of the observed range the ``mse`` method tries, from all of it down to 30%.
@@ -28,10 +30,15 @@ MSE_FRACTIONS: np.ndarray = np.linspace(1.0, 0.3, 71)
 SMOOTHING = 1e-4
 
 
+def as_float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``values`` as a flat float64 NumPy array."""
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    return array.astype(np.float64).ravel()
+
+
 def magnitudes(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
     """The magnitudes a symmetric quantizer sees: ``|x|`` when signed, ``max(x, 0)`` when unsigned."""
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    array = array.astype(np.float64).ravel()
+    array = as_float64(values)
     return np.abs(array) if signed else np.clip(array, 0.0, None)
 
 
@@ -110,8 +117,7 @@ def mse_threshold(values: torch.Tensor | np.ndarray, bits: int, signed: bool) ->
     """The threshold ``f * max|x|`` (``f`` in :data:`MSE_FRACTIONS`) with the least mean squared
     error on the symmetric grid a quantizer with that threshold uses (signed: codes
     ``-2^(b-1)..2^(b-1)-1``; unsigned: ``0..2^b-1``, values below 0 counted at 0)."""
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    x = array.astype(np.float64).ravel()
+    x = as_float64(values)
     if not signed:
         x = np.clip(x, 0.0, None)
     peak = float(np.abs(x).max()) if x.size else 0.0
@@ -126,15 +132,11 @@ def mse_affine_range(values: torch.Tensor | np.ndarray, low: float, high: float)
     """The range ``f * [min(low, 0), max(high, 0)]`` (``f`` in :data:`MSE_FRACTIONS`) whose 8-bit
     affine grid (codes 0..255, zero point rounded so that 0.0 is a code) has the least mean squared
     error on ``values``; both ends shrink together, so the zero point stays where it was."""
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    x = array.astype(np.float64).ravel()
+    x = as_float64(values)
     low, high = min(float(low), 0.0), max(float(high), 0.0)
     if high - low <= 0.0 or not x.size:
         return low, high
-    errors = []
-    for f in MSE_FRACTIONS:
-        scale = f * (high - low) / 255
-        errors.append(_squared_error(x, scale, int(min(255, max(0, round(-f * low / scale)))), 0, 255))
+    errors = [_squared_error(x, *affine_grid(f * low, f * high), 0, 255) for f in MSE_FRACTIONS]
     best = float(MSE_FRACTIONS[int(np.argmin(errors))])
     return best * low, best * high
 

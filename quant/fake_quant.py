@@ -88,6 +88,14 @@ def fake_quant_per_channel(
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
+def affine_grid(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point of 8-bit affine codes 0..255 over ``[min(low, 0), max(high, 0)]``,
+    with 0.0 exactly on a code (the zero point rounded, as ``quantize_static``)."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = max(high - low, EPS) / 255
+    return scale, int(min(255, max(0, round(-low / scale))))
+
+
 def fake_quant_per_tensor(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int
 ) -> torch.Tensor:

@@ -124,9 +124,7 @@ class ActQuantizer(Quantizer):
 
     def set_range(self, low: float, high: float) -> None:
         """Affine 8-bit codes: 0..255 over ``[min(low, 0), max(high, 0)]``, 0.0 exactly on a code."""
-        low, high = min(float(low), 0.0), max(float(high), 0.0)
-        self.scale = max(high - low, fq.EPS) / 255
-        self.zero_point = int(min(255, max(0, round(-low / self.scale))))
+        self.scale, self.zero_point = fq.affine_grid(low, high)
         self.calibrated = True
 
     # -- forward ------------------------------------------------------------------------
