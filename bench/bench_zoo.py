@@ -302,13 +302,18 @@ def add_keep_models(parser: argparse.ArgumentParser) -> None:
 
 def trained_zoo_arguments(description: str) -> argparse.Namespace:
     """The command line of the benches that train zoo models longer and compare files of them."""
+    return trained_zoo_parser(description).parse_args()
+
+
+def trained_zoo_parser(description: str) -> argparse.ArgumentParser:
+    """The parser behind :func:`trained_zoo_arguments`, for a bench that adds options of its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--only", nargs="+", choices=sorted(ZOO), help="these models only")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs before quantizing")
     parser.add_argument("--merge", action="store_true", help="replace these models' rows in the last results")
     parser.add_argument("--seed", type=int, default=0)
     add_keep_models(parser)
-    return parser.parse_args()
+    return parser
 
 
 def cifar_subset(seed: int, threads: int = 2) -> Any:

@@ -25,8 +25,10 @@ is measured here.
 
     python bench/bench_zoo_fidelity.py                   # every model
     python bench/bench_zoo_fidelity.py --only timm_repvgg_a0 --merge
+    python bench/bench_zoo_fidelity.py --calibration mse  # both int8 runs calibrated by mse
 
-Writes ``bench/results/zoo_fidelity.json`` and ``bench/results/zoo_fidelity.md``.
+Writes ``bench/results/zoo_fidelity.json`` and ``bench/results/zoo_fidelity.md``
+(``zoo_fidelity_<calibration>.*`` for a calibration other than the CLI's default).
 """
 
 from __future__ import annotations
@@ -47,10 +49,21 @@ import bench_zoo as zoo  # noqa: E402
 from bench_quantize import onnx_predictions  # noqa: E402
 
 from examples.third_party import ZOO  # noqa: E402
+from fxsculpt.quant.calibrate import METHODS  # noqa: E402
+
+#: The CLI's default activation calibration for 8-bit uniform quantization.
+DEFAULT_CALIBRATION = "minmax"
 
 
 def parse_args() -> argparse.Namespace:
-    return zoo.trained_zoo_arguments(__doc__.splitlines()[0])
+    parser = zoo.trained_zoo_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--calibration",
+        choices=METHODS,
+        default=DEFAULT_CALIBRATION,
+        help="the activation calibration of both int8 runs (quantize.calibration)",
+    )
+    return parser.parse_args()
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -60,10 +73,17 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def quantized_run(path: Path, out: Path, samples: int, *extra: str) -> dict[str, Any]:
+def quantized_run(path: Path, out: Path, samples: int, calibration: str, *extra: str) -> dict[str, Any]:
     """The CLI's int8 run on ``path``: exit code, error line, ONNX Runtime ÷ PyTorch parity."""
     argv = zoo.optimize(
-        path, out, "fold_bn,quantize", *zoo.INT8, "--set", f"export.compare_samples={samples}"
+        path,
+        out,
+        "fold_bn,quantize",
+        *zoo.INT8,
+        "--set",
+        f"export.compare_samples={samples}",
+        "--set",
+        f"quantize.calibration={calibration}",
     )
     rc, seconds, report, err = zoo.run_cli([*argv, *extra])
     onnx = (report or {}).get("onnx", {})
@@ -79,7 +99,7 @@ def quantized_run(path: Path, out: Path, samples: int, *extra: str) -> dict[str,
     }
 
 
-def float64_self_agreement(path: Path, tmp: Path, data: Any) -> float:
+def float64_self_agreement(path: Path, tmp: Path, data: Any, calibration: str) -> float:
     """Top-1 agreement, on the test images, of the every-layer-int8 PyTorch model (the pass run
     in-process with the CLI's options) with the same model computed in float64.
 
@@ -98,7 +118,8 @@ def float64_self_agreement(path: Path, tmp: Path, data: Any) -> float:
     settings = TrainSettings(epochs=1, batch_size=64, lr=0.02, progress=False)  # the CLI's batch size
     ctx = Context(out_dir=out, stage_dir=out / "stage", data=data, train=settings)
     ctx.current_pass = "quantize"
-    quantized = Quantize(method="uniform", bits=8, float_fallback="off").run(ir, ctx).gm.eval()
+    quantize = Quantize(method="uniform", bits=8, float_fallback="off", calibration=calibration)
+    quantized = quantize.run(ir, ctx).gm.eval()
     x = data.test.tensors[0]
     with torch.no_grad():
         single = torch.cat([quantized(b).argmax(1) for b in x.split(128)])
@@ -117,8 +138,11 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
         row["float"] = {"rc": rc, "error": err}
         return row
     files = {"float": tmp / f"{name}_float" / "model.onnx"}
-    row["shipped"] = quantized_run(path, tmp / f"{name}_int8", len(x))
-    row["all_int8"] = quantized_run(path, tmp / f"{name}_all", len(x), "--set", "quantize.float_fallback=off")
+    calibration = args.calibration
+    row["shipped"] = quantized_run(path, tmp / f"{name}_int8", len(x), calibration)
+    row["all_int8"] = quantized_run(
+        path, tmp / f"{name}_all", len(x), calibration, "--set", "quantize.float_fallback=off"
+    )
     for key, folder in (("shipped", "int8"), ("all_int8", "all")):
         if row[key]["rc"] == 0:
             files[key] = tmp / f"{name}_{folder}" / "model.onnx"
@@ -139,7 +163,7 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
         ours_right, qs_right = predicted["shipped"] == truth, predicted["qs"] == truth
         wins, losses = int((ours_right & ~qs_right).sum()), int((qs_right & ~ours_right).sum())
         row["ours_vs_qs"] = {"only_ours": wins, "only_qs": losses, "p": round(sign_test_p(wins, losses), 3)}
-    row["float64_self_agreement"] = float64_self_agreement(path, tmp, data)
+    row["float64_self_agreement"] = float64_self_agreement(path, tmp, data, calibration)
     row["test_images"] = len(x)
     return row
 
@@ -175,7 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
     images = next((r["test_images"] for r in result["rows"] if "test_images" in r), "all")
     lines += [
         "",
-        f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images "
+        f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images, "
+        f"activations calibrated by {result.get('calibration', DEFAULT_CALIBRATION)} "
         f"(accuracy and agreement by ONNX Runtime {result['ort']}; ORT÷PyTorch agreement is the export "
         "check's: against the quantized PyTorch model computed in float64, in brackets against its "
         "float32 run; ¹: a row from before the float64 reference and exact integer accumulation, "
@@ -191,13 +216,14 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     data = zoo.cifar_subset(args.seed)
+    calibration = args.calibration
     zoo.rows_written(
-        "zoo_fidelity",
+        "zoo_fidelity" if calibration == DEFAULT_CALIBRATION else f"zoo_fidelity_{calibration}",
         args.only or list(ZOO),
         lambda name, tmp: model_row(name, tmp, data, args),
         markdown,
         args.merge,
-        {"epochs": args.epochs},
+        {"epochs": args.epochs, "calibration": calibration},
     )
 
 
