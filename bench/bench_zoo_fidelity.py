@@ -197,7 +197,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r.get('float64_self_agreement', '–')} |"
         )
     images = next((r["test_images"] for r in result["rows"] if "test_images" in r), "all")
+    compared = [r["ours_vs_qs"] for r in result["rows"] if "ours_vs_qs" in r]
+    wins, losses = sum(v["only_ours"] for v in compared), sum(v["only_qs"] for v in compared)
     lines += [
+        "",
+        f"All {len(compared)} rows together: only ours right {wins} times, only quantize_static {losses} "
+        f"(sign test p = {sign_test_p(wins, losses):.3f}; the rows share the test images, so this "
+        "pools the rows' counts rather than adding independent evidence).",
         "",
         f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images, "
         f"activations calibrated by {result.get('calibration', DEFAULT_CALIBRATION)} "
