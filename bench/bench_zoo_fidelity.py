@@ -51,7 +51,7 @@ from bench_quantize import onnx_predictions  # noqa: E402
 from examples.third_party import ZOO  # noqa: E402
 from fxsculpt.quant.calibrate import METHODS  # noqa: E402
 
-#: The CLI's default activation calibration for 8-bit uniform quantization.
+#: What the CLI's default calibration (``auto``) is at 8 bits; its results keep the plain name.
 DEFAULT_CALIBRATION = "minmax"
 
 
