@@ -28,7 +28,8 @@ is measured here.
     python bench/bench_zoo_fidelity.py --calibration mse  # both int8 runs calibrated by mse
 
 Writes ``bench/results/zoo_fidelity.json`` and ``bench/results/zoo_fidelity.md``
-(``zoo_fidelity_<calibration>.*`` for a calibration other than the CLI's default).
+(``zoo_fidelity_<calibration>.*`` for a calibration other than the CLI's default,
+``…_seed<N>.*`` for a training seed other than 0).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"(sign test p = {sign_test_p(wins, losses):.3f}; the rows share the test images, so this "
         "pools the rows' counts rather than adding independent evidence).",
         "",
-        f"CIFAR-10 subset, {result['epochs']} training epochs from random weights, {images} test images, "
+        f"CIFAR-10 subset, {result['epochs']} training epochs from random weights (seed "
+        f"{result.get('seed', 0)}), {images} test images, "
         f"activations calibrated by {result.get('calibration', DEFAULT_CALIBRATION)} "
         f"(accuracy and agreement by ONNX Runtime {result['ort']}; ORT÷PyTorch agreement is the export "
         "check's: against the quantized PyTorch model computed in float64, in brackets against its "
@@ -219,17 +221,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def results_stem(calibration: str, seed: int) -> str:
+    """The results' file name: ``zoo_fidelity``, with the calibration and the seed where they are
+    not the defaults, so a variant never overwrites the main table."""
+    stem = "zoo_fidelity" if calibration == DEFAULT_CALIBRATION else f"zoo_fidelity_{calibration}"
+    return stem if seed == 0 else f"{stem}_seed{seed}"
+
+
 def main() -> None:
     args = parse_args()
     data = zoo.cifar_subset(args.seed)
     calibration = args.calibration
     zoo.rows_written(
-        "zoo_fidelity" if calibration == DEFAULT_CALIBRATION else f"zoo_fidelity_{calibration}",
+        results_stem(calibration, args.seed),
         args.only or list(ZOO),
         lambda name, tmp: model_row(name, tmp, data, args),
         markdown,
         args.merge,
-        {"epochs": args.epochs, "calibration": calibration},
+        {"epochs": args.epochs, "calibration": calibration, "seed": args.seed},
     )
 
 
