@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fxsculpt.quant.fake_quant import affine_grid
+from fxsculpt.quant.fake_quant import affine_grid, quant_range
 
 Method = Literal["minmax", "percentile", "kl", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "kl", "mse")
@@ -123,7 +123,7 @@ def mse_threshold(values: torch.Tensor | np.ndarray, bits: int, signed: bool) ->
     peak = float(np.abs(x).max()) if x.size else 0.0
     if peak <= 0.0:
         return 0.0
-    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    qmin, qmax = quant_range(bits, signed)
     errors = [_squared_error(x, f * peak / qmax, 0, qmin, qmax) for f in MSE_FRACTIONS]
     return float(MSE_FRACTIONS[int(np.argmin(errors))] * peak)
 
