@@ -120,10 +120,15 @@ def ort_quantize_static(float_onnx: Path, out: Path, calib: list[np.ndarray]) ->
     return out
 
 
-def onnx_predictions(path: Path, x: torch.Tensor) -> np.ndarray:
-    """ONNX Runtime's top-1 class of every image of ``x`` (batches of 128)."""
+def onnx_logits(path: Path, x: torch.Tensor) -> np.ndarray:
+    """ONNX Runtime's output for every image of ``x`` (batches of 128)."""
     sess = qe.session(path)
-    return np.concatenate([qe.run_session(sess, x[i : i + 128]).argmax(1) for i in range(0, len(x), 128)])
+    return np.concatenate([qe.run_session(sess, x[i : i + 128]) for i in range(0, len(x), 128)])
+
+
+def onnx_predictions(path: Path, x: torch.Tensor) -> np.ndarray:
+    """ONNX Runtime's top-1 class of every image of ``x``."""
+    return onnx_logits(path, x).argmax(1)
 
 
 def onnx_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_zoo as zoo  # noqa: E402
-from bench_quantize import onnx_predictions  # noqa: E402
+from bench_quantize import onnx_logits  # noqa: E402
 
 from examples.third_party import ZOO  # noqa: E402
 from fxsculpt.quant.calibrate import METHODS  # noqa: E402
@@ -72,6 +73,17 @@ def sign_test_p(wins: int, losses: int) -> float:
     n, k = wins + losses, min(wins, losses)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def exact_top1_ties(logits: np.ndarray) -> int:
+    """How many rows of ``logits`` have their two largest values exactly equal.
+
+    A file whose logits leave through an 8-bit QuantizeLinear (``quantize_static`` quantizes the
+    output) has only 256 levels for them; on a tie ``argmax`` takes the lower class index, so
+    those predictions are decided by the class order, not by the model.
+    """
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return int((top2[:, 0] == top2[:, 1]).sum())
 
 
 def quantized_run(path: Path, out: Path, samples: int, calibration: str, *extra: str) -> dict[str, Any]:
@@ -152,7 +164,9 @@ def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict
     )
     files["qs"] = zoo.quantize_static_file(files["float"], tmp / f"{name}_qs.onnx", data)
 
-    predicted = {key: onnx_predictions(p, x) for key, p in files.items()}
+    logits = {key: onnx_logits(p, x) for key, p in files.items()}
+    predicted = {key: out.argmax(1) for key, out in logits.items()}
+    row["exact_top1_ties"] = {key: exact_top1_ties(out) for key, out in logits.items()}
     truth = y.numpy()
     row["accuracy"] = {key: round(float((p == truth).mean()), 4) for key, p in predicted.items()}
     row["agreement_with_float"] = {
@@ -173,13 +187,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| model | int8 rc (shipped / all int8) | ORT÷PyTorch agreement (shipped / all int8) "
         "| acc float / ours / all int8 / qs | agreement with float (ours / all int8 / qs) "
-        "| only ours / only qs right | sign-test p | PyTorch int8 fp32÷fp64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| only ours / only qs right | sign-test p | exact top-1 ties (ours / qs) | PyTorch int8 fp32÷fp64 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         shipped, all_int8 = r.get("shipped", {}), r.get("all_int8", {})
         acc, fid = r.get("accuracy", {}), r.get("agreement_with_float", {})
-        versus = r.get("ours_vs_qs", {})
+        versus, ties = r.get("ours_vs_qs", {}), r.get("exact_top1_ties", {})
 
         def agreement(run: dict[str, Any]) -> str:
             if run.get("agreement") is None:
@@ -195,6 +209,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {' / '.join(f'{100 * acc[k]:.1f}' if k in acc else '–' for k in ('float', 'shipped', 'all_int8', 'qs'))} "
             f"| {' / '.join(f'{fid[k]:.3f}' if k in fid else '–' for k in ('shipped', 'all_int8', 'qs'))} "
             f"| {versus.get('only_ours', '–')} / {versus.get('only_qs', '–')} | {versus.get('p', '–')} "
+            f"| {ties.get('shipped', '–')} / {ties.get('qs', '–')} "
             f"| {r.get('float64_self_agreement', '–')} |"
         )
     images = next((r["test_images"] for r in result["rows"] if "test_images" in r), "all")
@@ -215,7 +230,9 @@ def markdown(result: dict[str, Any]) -> str:
         'against float32 PyTorch). "float file": the pass measured the float model '
         "fastest and handed it over. PyTorch int8 fp32÷fp64: the every-layer-int8 PyTorch model's top-1 "
         "agreement with itself computed in float64, no export involved (how many predictions turn on a "
-        "half-code tie; –: a row from before this column). "
+        "half-code tie; –: a row from before this column). Exact top-1 ties: test images whose two "
+        "largest logits are equal in the file's output (quantize_static quantizes the logits to 8 bits; "
+        "argmax then takes the lower class index; –: a row from before this column). "
         f"Command: `{result['command']}`",
     ]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""The fidelity bench's statistics, against scipy and counts done by hand.
+
+``bench/bench_zoo_fidelity.py`` judges ours against ``quantize_static`` with an exact sign test and
+counts the predictions an 8-bit output leaves to class order; ``bench/zoo_fidelity_seeds.py``
+pools those counts over training seeds. Both feed the README's claims, so they are checked here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("examples.third_party")  # the bench modules import the zoo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import bench_zoo_fidelity as fidelity
+import zoo_fidelity_seeds as seeds
+
+
+@pytest.mark.parametrize(("wins", "losses"), [(0, 0), (3, 10), (22, 23), (11, 25), (78, 42), (5, 0)])
+def test_sign_test_matches_scipys_exact_binomial_test(wins: int, losses: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    expected = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
+    assert fidelity.sign_test_p(wins, losses) == pytest.approx(expected, rel=1e-12)
+
+
+def test_exact_top1_ties_counts_rows_whose_two_largest_logits_are_equal() -> None:
+    logits = np.array(
+        [
+            [0.5, 0.5, 0.1],  # tie at the top
+            [0.5, 0.2, 0.5],  # tie at the top, not adjacent
+            [0.9, 0.5, 0.5],  # tie below the top: decided
+            [0.1, 0.2, 0.3],  # no tie
+        ],
+        dtype=np.float32,
+    )
+    assert fidelity.exact_top1_ties(logits) == 2
+
+
+def seed_row(model: str, only_ours: int, only_qs: int, shipped: float, qs: float, ties: int | None) -> dict:
+    row = {
+        "model": model,
+        "accuracy": {"float": 0.40, "shipped": shipped, "qs": qs, "all_int8": 0.39},
+        "agreement_with_float": {"shipped": 0.95, "qs": 0.93, "all_int8": 0.9},
+        "shipped_is_float_file": model == "b",
+        "ours_vs_qs": {"only_ours": only_ours, "only_qs": only_qs, "p": 0.0},
+        "test_images": 846,
+    }
+    if ties is not None:
+        row["exact_top1_ties"] = {"shipped": 0, "qs": ties}
+    return row
+
+
+def test_pooling_sums_the_discordant_counts_and_averages_the_accuracies() -> None:
+    results = {
+        0: {"rows": [seed_row("a", 12, 15, 0.462, 0.466, None), seed_row("b", 3, 10, 0.397, 0.405, 2)]},
+        1: {
+            "rows": [
+                seed_row("b", 8, 15, 0.385, 0.394, 6),
+                seed_row("a", 10, 8, 0.453, 0.450, 1),
+                seed_row("c", 1, 1, 0.3, 0.3, 0),  # only at seed 1: left out
+            ]
+        },
+    }
+    rows = {r["model"]: r for r in seeds.pooled(results)}
+    assert sorted(rows) == ["a", "b"]
+    a, b = rows["a"], rows["b"]
+    assert (a["only_ours"], a["only_qs"]) == (22, 23)
+    assert (b["only_ours"], b["only_qs"]) == (11, 25)
+    assert a["accuracy"]["shipped"] == pytest.approx((0.462 + 0.453) / 2, abs=1e-4)
+    assert b["accuracy"]["qs"] == pytest.approx((0.405 + 0.394) / 2, abs=1e-4)
+    assert b["p"] == pytest.approx(fidelity.sign_test_p(11, 25), abs=1e-3)
+    assert a["qs_exact_top1_ties"] is None  # seed 0 did not count them
+    assert b["qs_exact_top1_ties"] == 8
+    assert b["shipped_is_float_file"] == [True, True]
