@@ -4,7 +4,7 @@ One seed of ``bench_zoo_fidelity.py`` compares two quantizations of one trained 
 images; which images flip decides most of the accuracy difference (most rows' sign-test p is
 above 0.5). This reads the results the bench wrote for each seed (``zoo_fidelity.json``,
 ``zoo_fidelity_seed1.json``, …; each seed is a model trained again from other random weights)
-and, per model present at every seed, puts the mean accuracies side by side and adds up the
+and, per model, over the seeds that have it, puts the mean accuracies side by side and adds up the
 images only ours gets right and only ``quantize_static`` does, with the sign test on the sums.
 Nothing is measured here; rerun the bench per seed first:
 
@@ -75,17 +75,17 @@ def pooled_row(model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pooled(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """A pooled row per model that every seed's results compare (in the first seed's order)."""
+    """A pooled row per model, over the seeds whose results compare it (models in the order first seen)."""
     by_seed = [{r["model"]: r for r in result["rows"] if "ours_vs_qs" in r} for result in results.values()]
-    models = [m for m in by_seed[0] if all(m in rows for rows in by_seed)]
-    return [pooled_row(m, [rows[m] for rows in by_seed]) for m in models]
+    models = list(dict.fromkeys(m for rows in by_seed for m in rows))
+    return [pooled_row(m, [rows[m] for rows in by_seed if m in rows]) for m in models]
 
 
 def markdown(rows: list[dict[str, Any]], seeds: list[int], calibration: str, images: Any) -> str:
     lines = [
-        "| model | acc float / ours / qs (mean) | ours − qs (points) | agreement with float (ours / qs) "
+        "| model | seeds | acc float / ours / qs (mean) | ours − qs (points) | agreement with float (ours / qs) "
         "| only ours / only qs right | sign-test p | qs exact top-1 ties |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc, fid = r["accuracy"], r["agreement_with_float"]
@@ -93,7 +93,7 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int], calibration: str, ima
         note = f" (float file at {float_file} of {r['seeds']} seeds)" if float_file else ""
         ties = "–" if r["qs_exact_top1_ties"] is None else r["qs_exact_top1_ties"]
         lines.append(
-            f"| {r['model']}{note} "
+            f"| {r['model']}{note} | {r['seeds']} "
             f"| {100 * acc['float']:.1f} / {100 * acc['shipped']:.1f} / {100 * acc['qs']:.1f} "
             f"| {100 * (acc['shipped'] - acc['qs']):+.2f} "
             f"| {fid['shipped']:.3f} / {fid['qs']:.3f} "

@@ -61,12 +61,14 @@ def test_pooling_sums_the_discordant_counts_and_averages_the_accuracies() -> Non
             "rows": [
                 seed_row("b", 8, 15, 0.385, 0.394, 6),
                 seed_row("a", 10, 8, 0.453, 0.450, 1),
-                seed_row("c", 1, 1, 0.3, 0.3, 0),  # only at seed 1: left out
+                seed_row("c", 1, 4, 0.3, 0.3, 0),  # only at seed 1: pooled over that seed alone
             ]
         },
     }
     rows = {r["model"]: r for r in seeds.pooled(results)}
-    assert sorted(rows) == ["a", "b"]
+    assert list(rows) == ["a", "b", "c"]
+    assert (rows["c"]["seeds"], rows["c"]["only_ours"], rows["c"]["only_qs"]) == (1, 1, 4)
+    assert (rows["a"]["seeds"], rows["b"]["seeds"]) == (2, 2)
     a, b = rows["a"], rows["b"]
     assert (a["only_ours"], a["only_qs"]) == (22, 23)
     assert (b["only_ours"], b["only_qs"]) == (11, 25)
