@@ -112,14 +112,11 @@ def quantized_run(path: Path, out: Path, samples: int, calibration: str, *extra:
     }
 
 
-def float64_self_agreement(path: Path, tmp: Path, data: Any, calibration: str) -> float:
-    """Top-1 agreement, on the test images, of the every-layer-int8 PyTorch model (the pass run
-    in-process with the CLI's options) with the same model computed in float64.
-
-    No export is involved: this is how often the quantized model's own prediction turns on float
-    rounding at a half-code boundary somewhere in the network, the ceiling an ONNX Runtime file
-    (other kernels, the same ties) can be expected to reach in ORT÷PyTorch agreement.
-    """
+def every_layer_int8(
+    path: Path, tmp: Path, data: Any, calibration: str
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The saved model at ``path`` loaded as the CLI loads it, and its every-layer int8 form (the
+    quantize pass run in-process with the CLI's options and batch size), both in eval mode."""
     import copy
 
     from fxsculpt.ir.load import LoadOptions, load_ir
@@ -127,12 +124,26 @@ def float64_self_agreement(path: Path, tmp: Path, data: Any, calibration: str) -
     from fxsculpt.passes.quantize import Quantize
 
     ir = load_ir(str(path), LoadOptions(trust_model=True, input_shape=(1, 3, 32, 32)))
-    out = tmp / "float64_self_agreement"
+    float_model = copy.deepcopy(ir.gm).eval()
+    out = tmp / "every_layer_int8"
     settings = TrainSettings(epochs=1, batch_size=64, lr=0.02, progress=False)  # the CLI's batch size
     ctx = Context(out_dir=out, stage_dir=out / "stage", data=data, train=settings)
     ctx.current_pass = "quantize"
     quantize = Quantize(method="uniform", bits=8, float_fallback="off", calibration=calibration)
-    quantized = quantize.run(ir, ctx).gm.eval()
+    return float_model, quantize.run(ir, ctx).gm.eval()
+
+
+def float64_self_agreement(path: Path, tmp: Path, data: Any, calibration: str) -> float:
+    """Top-1 agreement, on the test images, of the every-layer-int8 PyTorch model
+    (:func:`every_layer_int8`) with the same model computed in float64.
+
+    No export is involved: this is how often the quantized model's own prediction turns on float
+    rounding at a half-code boundary somewhere in the network, the ceiling an ONNX Runtime file
+    (other kernels, the same ties) can be expected to reach in ORT÷PyTorch agreement.
+    """
+    import copy
+
+    _, quantized = every_layer_int8(path, tmp, data, calibration)
     x = data.test.tensors[0]
     with torch.no_grad():
         single = torch.cat([quantized(b).argmax(1) for b in x.split(128)])
