@@ -113,10 +113,12 @@ def quantized_run(path: Path, out: Path, samples: int, calibration: str, *extra:
 
 
 def every_layer_int8(
-    path: Path, tmp: Path, data: Any, calibration: str
+    path: Path, tmp: Path, data: Any, calibration: str, seed: int = 0
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The saved model at ``path`` loaded as the CLI loads it, and its every-layer int8 form (the
-    quantize pass run in-process with the CLI's options and batch size), both in eval mode."""
+    quantize pass run in-process with the CLI's options and batch size), both in eval mode.
+
+    ``seed`` is the CLI's ``--seed``: it picks the shuffled training batches that calibrate."""
     import copy
 
     from fxsculpt.ir.load import LoadOptions, load_ir
@@ -127,7 +129,7 @@ def every_layer_int8(
     float_model = copy.deepcopy(ir.gm).eval()
     out = tmp / "every_layer_int8"
     settings = TrainSettings(epochs=1, batch_size=64, lr=0.02, progress=False)  # the CLI's batch size
-    ctx = Context(out_dir=out, stage_dir=out / "stage", data=data, train=settings)
+    ctx = Context(out_dir=out, stage_dir=out / "stage", data=data, train=settings, seed=seed)
     ctx.current_pass = "quantize"
     quantize = Quantize(method="uniform", bits=8, float_fallback="off", calibration=calibration)
     return float_model, quantize.run(ir, ctx).gm.eval()

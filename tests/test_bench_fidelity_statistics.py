@@ -100,58 +100,44 @@ def frozen_int8_conv_stack() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return ir.gm.eval(), batches
 
 
-def test_bias_perturbation_moves_each_integer_layer_bias_one_int32_step() -> None:
-    from fxsculpt.quant import fake_quant as fq
-    from fxsculpt.quant.modules import WeightQuantizer
-
-    quantized, _ = frozen_int8_conv_stack()
-    before = {
-        n: m.layer.bias.detach().clone()
-        for n, m in quantized.named_modules()
-        if isinstance(m, WeightQuantizer)
-    }
-    perturbed = rounding.bias_perturbed(quantized, torch.Generator().manual_seed(0))
-    moved = 0
-    for name, module in perturbed.named_modules():
-        if not isinstance(module, WeightQuantizer):
-            continue
-        original = dict(quantized.named_modules())[name]
-        assert torch.equal(original.layer.bias, before[name])  # the model handed in is left alone
-        delta = module.layer.bias.detach() - before[name]
-        if original.computes_on_codes():
-            step = fq.bias_step(original.input_scale, original.scale)
-            assert torch.allclose(delta.abs(), step, rtol=1e-3)
-            moved += 1
-        else:
-            assert torch.equal(delta, torch.zeros_like(delta))
-    assert moved == 2  # both convs read a quantized input (the model input's quantizer, the ReLU's)
-
-
-def test_bias_step_in_output_codes_is_the_step_over_the_next_quantizers_scale() -> None:
+def test_bias_perturbation_moves_the_fine_channels_of_layers_with_an_output_quantizer() -> None:
     from fxsculpt.quant import fake_quant as fq
     from fxsculpt.quant.modules import ActQuantizer, WeightQuantizer
 
     quantized, _ = frozen_int8_conv_stack()
     modules = dict(quantized.named_modules())
-    first = next(m for m in modules.values() if isinstance(m, WeightQuantizer))
-    after_relu = [
-        n
+    layers = [
+        (n.target, modules[n.target])
         for n in quantized.graph.nodes
-        if n.op == "call_module" and isinstance(modules[n.target], ActQuantizer)
+        if isinstance(modules.get(n.target), WeightQuantizer)
     ]
-    relu_quantizer = modules[
-        next(
-            n.target
-            for n in after_relu
-            if n.args[0].op == "call_module" and isinstance(modules[n.args[0].target], nn.ReLU)
-        )
-    ]
-    by_hand = (
-        fq.bias_step(first.input_scale, first.scale) / relu_quantizer.scale
-    )  # the last conv feeds the float logits
-    found = rounding.bias_step_in_output_codes(quantized)
-    assert found["max"] == pytest.approx(float(by_hand.max()), rel=1e-6)
-    assert found["median"] == pytest.approx(float(by_hand.median()), rel=1e-6)
+    (first_name, first), (last_name, last) = layers
+    # by hand: the first conv feeds ReLU → its quantizer; the last conv feeds the float logits
+    relu = next(n for n in quantized.graph.nodes if isinstance(modules.get(n.target), nn.ReLU))
+    relu_quantizer = modules[next(iter(relu.users)).target]
+    assert isinstance(relu_quantizer, ActQuantizer)
+    step = fq.bias_step(first.input_scale, first.scale).flatten()
+    in_codes = step / relu_quantizer.scale
+    fine = in_codes <= rounding.LARGEST_STEP_IN_CODES
+    assert fine.any()
+
+    [(name, codes, mask)] = rounding.perturbable_channels(quantized)
+    assert name == first_name
+    assert torch.allclose(codes, in_codes) and torch.equal(mask, fine)
+
+    before = {n: m.layer.bias.detach().clone() for n, m in layers}
+    perturbed = rounding.bias_perturbed(quantized, torch.Generator().manual_seed(0))
+    assert all(torch.equal(m.layer.bias, before[n]) for n, m in layers)  # the model handed in is left alone
+    delta = perturbed.get_submodule(first_name).layer.bias.detach() - before[first_name]
+    assert torch.allclose(delta.abs()[fine], step[fine], rtol=1e-3)
+    assert torch.equal(delta[~fine], torch.zeros_like(delta[~fine]))
+    assert torch.equal(perturbed.get_submodule(last_name).layer.bias, before[last_name])
+
+    size = rounding.perturbation_size(quantized)
+    assert size["share_of_channels"] == pytest.approx(
+        int(fine.sum()) / (first.out_channels + last.out_channels), abs=1e-4
+    )
+    assert size["max_codes"] == pytest.approx(float(in_codes[fine].max()), rel=1e-6)
 
 
 def test_the_float32_form_computes_the_same_codes_without_integer_sums() -> None:
