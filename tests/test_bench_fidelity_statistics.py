@@ -151,3 +151,18 @@ def test_the_float32_form_computes_the_same_codes_without_integer_sums() -> None
 
     assert all(not m.computes_on_codes() for m in in_float32.modules() if isinstance(m, WeightQuantizer))
     assert any(m.computes_on_codes() for m in quantized.modules() if isinstance(m, WeightQuantizer))
+
+
+@pytest.mark.parametrize(
+    ("qs", "where"), [(0.40, "inside"), (0.415, "above"), (0.385, "below"), (0.41, "inside")]
+)
+def test_quantize_static_is_placed_against_every_accuracy_of_our_versions(qs: float, where: str) -> None:
+    row = {
+        "accuracy": {"exact": 0.395},
+        "bias_perturbed": {"accuracies": [0.39, 0.41]},  # the range's ends come from different kinds
+        "recalibrated": {"accuracies": [0.40]},
+        "fidelity_accuracy": {"qs": qs},
+    }
+    assert rounding.our_range(row) == (0.39, 0.41)
+    assert rounding.qs_against_our_range(row) == where
+    assert rounding.qs_against_our_range({**row, "fidelity_accuracy": {}}) is None
