@@ -35,6 +35,7 @@ Writes ``bench/results/zoo_fidelity.json`` and ``bench/results/zoo_fidelity.md``
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -119,8 +120,6 @@ def every_layer_int8(
     quantize pass run in-process with the CLI's options and batch size), both in eval mode.
 
     ``seed`` is the CLI's ``--seed``: it picks the shuffled training batches that calibrate."""
-    import copy
-
     from fxsculpt.ir.load import LoadOptions, load_ir
     from fxsculpt.passes.base import Context, TrainSettings
     from fxsculpt.passes.quantize import Quantize
@@ -143,15 +142,17 @@ def float64_self_agreement(path: Path, tmp: Path, data: Any, calibration: str) -
     rounding at a half-code boundary somewhere in the network, the ceiling an ONNX Runtime file
     (other kernels, the same ties) can be expected to reach in ORT÷PyTorch agreement.
     """
-    import copy
-
     _, quantized = every_layer_int8(path, tmp, data, calibration)
     x = data.test.tensors[0]
-    with torch.no_grad():
-        single = torch.cat([quantized(b).argmax(1) for b in x.split(128)])
-        as_double = copy.deepcopy(quantized).double()
-        double = torch.cat([as_double(b.double()).argmax(1) for b in x.split(128)])
+    single = torch_predictions(quantized, x)
+    double = torch_predictions(copy.deepcopy(quantized).double(), x.double())
     return round(float((single == double).float().mean()), 4)
+
+
+def torch_predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's top-1 class of every image of ``x`` (batches of 128, no gradients)."""
+    with torch.no_grad():
+        return torch.cat([model(b).argmax(1) for b in x.split(128)])
 
 
 def model_row(name: str, tmp: Path, data: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -251,10 +252,10 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_stem(calibration: str, seed: int) -> str:
-    """The results' file name: ``zoo_fidelity``, with the calibration and the seed where they are
-    not the defaults, so a variant never overwrites the main table."""
-    stem = "zoo_fidelity" if calibration == DEFAULT_CALIBRATION else f"zoo_fidelity_{calibration}"
+def results_stem(calibration: str, seed: int, bench: str = "zoo_fidelity") -> str:
+    """The results' file name: ``bench``, with the calibration and the seed where they are not
+    the defaults, so a variant never overwrites the main table."""
+    stem = bench if calibration == DEFAULT_CALIBRATION else f"{bench}_{calibration}"
     return stem if seed == 0 else f"{stem}_seed{seed}"
 
 

@@ -50,7 +50,12 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_zoo as zoo  # noqa: E402
-from bench_zoo_fidelity import DEFAULT_CALIBRATION, every_layer_int8, results_stem  # noqa: E402
+from bench_zoo_fidelity import (  # noqa: E402
+    DEFAULT_CALIBRATION,
+    every_layer_int8,
+    results_stem,
+    torch_predictions,
+)
 
 from examples.third_party import ZOO  # noqa: E402
 from fxsculpt.quant import fake_quant as fq  # noqa: E402
@@ -67,11 +72,6 @@ def parse_args() -> Any:
     if args.perturbations < 1 or args.recalibrations < 1:
         parser.error("--perturbations and --recalibrations need at least 1")
     return args
-
-
-def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(b).argmax(1) for b in x.split(128)])
 
 
 def computed_in_float32(quantized: torch.nn.Module) -> torch.nn.Module:
@@ -166,29 +166,33 @@ def accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return round(float((predicted == truth).float().mean()), 4)
 
 
-def fidelity_row(name: str, seed: int) -> dict[str, Any] | None:
-    """The fidelity bench's row of ``name`` at ``seed`` (default calibration), if it was run."""
+def fidelity_rows(seed: int) -> dict[str, dict[str, Any]]:
+    """The fidelity bench's rows at ``seed`` (default calibration) by model; none if it was not run."""
     path = HERE / "results" / f"{results_stem(DEFAULT_CALIBRATION, seed)}.json"
     if not path.is_file():
-        return None
-    return next((r for r in json.loads(path.read_text())["rows"] if r["model"] == name), None)
+        return {}
+    return {r["model"]: r for r in json.loads(path.read_text())["rows"]}
 
 
-def model_row(name: str, tmp: Path, data: Any, args: Any) -> dict[str, Any]:
+def model_row(
+    name: str, tmp: Path, data: Any, args: Any, fidelity: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``name``'s row; ``fidelity`` holds the fidelity bench's rows at the same seed (:func:`fidelity_rows`)."""
     row: dict[str, Any] = {"model": name, "features": ZOO[name].features}
     path, row["train_s"] = zoo.trained_and_saved(name, tmp, data, args.epochs, args.seed, args.keep_models)
     float_model, quantized = every_layer_int8(path, tmp, data, DEFAULT_CALIBRATION)
     x, y = data.test.tensors
-    reference = predictions(float_model, x)
-    exact = predictions(quantized, x)
-    in_float32 = predictions(computed_in_float32(quantized), x)
+    reference = torch_predictions(float_model, x)
+    exact = torch_predictions(quantized, x)
+    in_float32 = torch_predictions(computed_in_float32(quantized), x)
     recalibrated = [
-        accuracy(predictions(every_layer_int8(path, tmp, data, DEFAULT_CALIBRATION, seed)[1], x), y)
+        accuracy(torch_predictions(every_layer_int8(path, tmp, data, DEFAULT_CALIBRATION, seed)[1], x), y)
         for seed in range(1, args.recalibrations + 1)
     ]
     generator = torch.Generator().manual_seed(args.seed)
     perturbed = [
-        accuracy(predictions(bias_perturbed(quantized, generator), x), y) for _ in range(args.perturbations)
+        accuracy(torch_predictions(bias_perturbed(quantized, generator), x), y)
+        for _ in range(args.perturbations)
     ]
     row.update(
         accuracy={
@@ -203,9 +207,8 @@ def model_row(name: str, tmp: Path, data: Any, args: Any) -> dict[str, Any]:
         recalibrated=spread(recalibrated),
         test_images=len(x),
     )
-    fidelity = fidelity_row(name, args.seed)
-    if fidelity and "accuracy" in fidelity:
-        row["fidelity_accuracy"] = fidelity["accuracy"]
+    if "accuracy" in fidelity.get(name, {}):
+        row["fidelity_accuracy"] = fidelity[name]["accuracy"]
     return row
 
 
@@ -279,11 +282,11 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     args = parse_args()
     data = zoo.cifar_subset(args.seed)
-    stem = "zoo_rounding" if args.seed == 0 else f"zoo_rounding_seed{args.seed}"
+    fidelity = fidelity_rows(args.seed)
     zoo.rows_written(
-        stem,
+        results_stem(DEFAULT_CALIBRATION, args.seed, bench="zoo_rounding"),
         args.only or list(ZOO),
-        lambda name, tmp: model_row(name, tmp, data, args),
+        lambda name, tmp: model_row(name, tmp, data, args, fidelity),
         markdown,
         args.merge,
         {

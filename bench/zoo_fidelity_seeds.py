@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = results_stem(args.calibration, 0) + "_seeds"
     summary = {"seeds": args.seeds, "calibration": args.calibration, "rows": rows}
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, args.seeds, args.calibration, images))
-    print(markdown(rows, args.seeds, args.calibration, images))
+    table = markdown(rows, args.seeds, args.calibration, images)
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
     return 0
 
 
